@@ -1,0 +1,44 @@
+# kt_paper: the two commands of the README, and a few helpers. Both main targets create .venv and install into it.
+SHELL   := /bin/bash
+PYTHON  ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+PRESET  ?= tiny
+ARGS    ?=
+NB_WORKERS ?= 2
+
+.PHONY: install reproduce test readme check-readme gates nbtest pytest bench clean-runs
+
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+install: $(BIN)/.installed
+
+## The main job: every stage notebook, in order, through papermill (default preset: tiny, offline, CPU).
+reproduce: install
+	$(BIN)/kt-paper reproduce --preset $(PRESET) $(ARGS)
+
+## The test command (what CI runs): clean notebooks, library in sync, README current, notebooks, then pytest.
+test: install gates nbtest pytest
+
+gates: install
+	$(BIN)/python tools/gate.py "notebooks clean" 'nbs/**/*.ipynb' 'nbs/*.ipynb' -- $(BIN)/nbdev-clean
+	$(BIN)/python tools/gate.py "library in sync" 'kt_paper/**/*.py' 'kt_paper/*.py' -- $(BIN)/nbdev-export
+	$(BIN)/python tools/make_readme.py --check
+
+nbtest: install
+	MPLBACKEND=agg $(BIN)/nbdev-test --n-workers $(NB_WORKERS) --timing
+
+pytest: install
+	MPLBACKEND=agg $(BIN)/python -m pytest -q tests
+
+readme: install
+	$(BIN)/python tools/make_readme.py
+
+bench: install
+	for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+
+clean-runs:
+	rm -rf runs

@@ -1,0 +1,13 @@
+import os
+from pathlib import Path
+import pytest
+
+os.environ.setdefault('MPLBACKEND', 'agg')
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get('KT_PAPER_SHARED_DATA', ROOT.parent/'shared'/'data'))
+
+@pytest.fixture(scope='session')
+def shared_data() -> Path:
+    "The real sample datasets (../shared/data), or skip when absent."
+    if not SHARED.is_dir(): pytest.skip(f'real sample data not found at {SHARED} (set KT_PAPER_SHARED_DATA)')
+    return SHARED
