@@ -1,0 +1,92 @@
+"Tests of kt_paper.probes: pooled feature sizes, frozen trunks, linear and non-linear probes."
+import pytest, torch
+from dataclasses import replace
+from kt_paper.student import build_alexnet, synthetic_images, STUDENT_PRESETS, CONV_LAYERS
+from kt_paper.probes import (PROBE_PRESETS, probe_grids, probe_dims, conv_activations, LinearProbes, nonlinear_probe_model,
+                             probe_dls, run_linear_probes, run_nonlinear_probe, NL_LAYERS)
+
+def test_paper_grids_and_dims():
+    net = build_alexnet(1000, fc_dim=8)
+    assert probe_grids(net) == dict(conv1=10, conv2=6, conv3=5, conv4=5, conv5=6)
+    assert probe_dims(net) == dict(conv1=9600, conv2=9216, conv3=9600, conv4=9600, conv5=9216)
+
+@pytest.mark.parametrize('preset,grids', [('tiny', (5, 3, 2, 2, 3)), ('small', (9, 6, 5, 5, 6)), ('test', (3, 2, 2, 2, 2))])
+def test_grids_scale_with_input(preset, grids):
+    net = build_alexnet(10, **STUDENT_PRESETS[preset].alexnet_args(), fc_dim=8)
+    assert tuple(probe_grids(net).values()) == grids
+    probes = LinearProbes(net, 10).eval()
+    x = torch.zeros(2, 3, net.args['input_size'], net.args['input_size'])
+    with torch.no_grad(): acts = conv_activations(probes.trunk, x)
+    dims = probe_dims(net)
+    for n, h in probes.heads.items():
+        assert h[:2](acts[n]).shape == (2, dims[n])   # pooled + flattened = the documented size
+        assert not h[2].affine                        # BN without affine parameters
+
+def test_conv_activations_unknown_layer():
+    with pytest.raises(KeyError, match='conv9'): conv_activations(build_alexnet(2, width=0.125, fc_dim=8).features, torch.zeros(1, 3, 227, 227), ['conv9'])
+
+@pytest.fixture(scope='module')
+def toy():
+    cfg = PROBE_PRESETS['test']
+    (xi, yi), (xv, yv) = synthetic_images(96, cfg.resize), synthetic_images(48, cfg.resize, seed=1)
+    return cfg, probe_dls((xi, yi), (xv, yv), cfg, num_workers=0)
+
+def _net(cfg):
+    torch.manual_seed(0)
+    net = build_alexnet(2, width=0.125, bn=True, conv1_stride=2, input_size=cfg.crop)
+    with torch.no_grad():  # non-trivial BN statistics, so that a change would show
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d): m.running_mean.uniform_(-.1, .1); m.running_var.uniform_(.5, 2)
+    return net
+
+def _same(a, b): return all(torch.equal(a[k], b[k]) for k in a)
+
+def test_linear_probes_learn_and_leave_trunk_unchanged(toy):
+    cfg, dls = toy
+    net = _net(cfg); before = {k: v.clone() for k, v in net.state_dict().items()}
+    res = run_linear_probes(net, dls, 2, replace(cfg, lin_epochs=2))
+    assert set(res) == set(CONV_LAYERS) and max(res.values()) > 0.8
+    assert _same(before, net.state_dict())
+
+def test_linear_probes_do_not_touch_their_own_trunk(toy):
+    cfg, dls = toy
+    probes = LinearProbes(_net(cfg), 2)
+    before = {k: v.clone() for k, v in probes.trunk.state_dict().items()}
+    opt = torch.optim.SGD([p for p in probes.parameters() if p.requires_grad], lr=0.1)
+    probes.train()
+    assert not probes.trunk.training
+    for x, y in dls.train:
+        loss = sum(torch.nn.functional.cross_entropy(o, y) for o in probes(x)); opt.zero_grad(); loss.backward(); opt.step()
+    assert _same(before, probes.trunk.state_dict())
+
+@pytest.mark.parametrize('layer', ['conv2', 'fc6'])
+def test_nonlinear_probe_model_freezes_below_and_reinits_above(toy, layer):
+    cfg, _ = toy
+    net = _net(cfg); pf = nonlinear_probe_model(net, layer, 5)
+    m, sd, new = pf.model, net.state_dict(), pf.model.state_dict()
+    cut = NL_LAYERS.index(layer)
+    for n in NL_LAYERS:
+        blk = getattr(m.features, n, None) or getattr(m.classifier, n)
+        w = blk.conv.weight if n.startswith('conv') else blk.fc.weight
+        key = (f'features.{n}.conv.weight' if n.startswith('conv') else f'classifier.{n}.fc.weight')
+        if NL_LAYERS.index(n) <= cut: assert torch.equal(w, sd[key]) and not w.requires_grad
+        else: assert not torch.equal(w, sd[key]) and w.requires_grad
+    assert m.classifier.fc8.out_features == 5
+    pf.train()
+    assert not m.features.conv1.training and m.classifier.fc8.training
+
+def test_nonlinear_probe_trains_and_leaves_frozen_unchanged(toy):
+    cfg, dls = toy
+    net = _net(cfg); before = {k: v.clone() for k, v in net.state_dict().items()}
+    pf = nonlinear_probe_model(net, 'conv3', 2)
+    frozen_before = {k: v.clone() for k, v in pf.model.features.state_dict().items() if k.split('.')[0] in ('conv1', 'conv2', 'conv3')}
+    acc = run_nonlinear_probe(net, dls, 2, 'conv3', replace(cfg, nl_epochs=2))
+    assert acc > 0.8
+    assert _same(before, net.state_dict())
+    # the same check on the probe's own copy, trained by hand through the Learner path
+    from fastai.learner import Learner
+    learn = Learner(dls, pf, loss_func=torch.nn.CrossEntropyLoss(), splitter=lambda m: [[p for p in m.parameters() if p.requires_grad]])
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 0.01)
+    after = pf.model.features.state_dict()
+    assert all(torch.equal(frozen_before[k], after[k]) for k in frozen_before)
+    assert not torch.equal(before['features.conv4.conv.weight'], after['conv4.conv.weight'])

@@ -1,0 +1,102 @@
+"Tests of kt_paper.student: AlexNet shapes per preset, checkpoints, CFN transfer, CC training and resume."
+import numpy as np, pytest, torch
+from torch import nn
+from fastai.callback.core import Callback, CancelFitException
+from kt_paper.core import seed_everything
+from kt_paper.student import (STUDENT_PRESETS, CONV_LAYERS, build_alexnet, activation_shapes, save_alexnet, load_alexnet,
+                              alexnet_from_cfn, balanced_sampler, synthetic_images, train_student, ImageTensorDataset,
+                              make_student_dls, student_learner, fit_student, evaluate_top1, step_lr)
+
+EXPECTED = {  # (C, H, W) of conv1..conv5 and pool5 at each preset's crop
+    'paper': [(96, 55, 55), (256, 27, 27), (384, 13, 13), (384, 13, 13), (256, 13, 13), (256, 6, 6)],
+    'small': [(48, 51, 51), (128, 25, 25), (192, 12, 12), (192, 12, 12), (128, 12, 12), (128, 6, 6)],
+    'tiny':  [(24, 27, 27), (64, 13, 13), (96, 6, 6), (96, 6, 6), (64, 6, 6), (64, 3, 3)],
+    'test':  [(16, 19, 19), (32, 9, 9), (48, 4, 4), (48, 4, 4), (32, 4, 4), (32, 2, 2)],
+}
+
+@pytest.mark.parametrize('preset', list(EXPECTED))
+def test_alexnet_shapes_per_preset(preset):
+    cfg = STUDENT_PRESETS[preset]
+    net = build_alexnet(10, **cfg.alexnet_args(), fc_dim=16)
+    shp = activation_shapes(net)
+    assert [shp[n] for n in (*CONV_LAYERS, 'pool5')] == EXPECTED[preset]
+    assert net.classifier.fc6.fc.in_features == int(np.prod(EXPECTED[preset][-1]))
+    assert net(torch.zeros(2, 3, cfg.crop, cfg.crop)).shape == (2, 10)
+
+def test_paper_alexnet_is_caffe_alexnet():
+    net = build_alexnet(1000)
+    assert sum(p.numel() for p in net.parameters()) == 60_965_224
+    assert net.features.conv1.conv.stride == (4, 4) and net.features.conv2.conv.groups == 2
+    assert isinstance(net.features.norm1, nn.LocalResponseNorm)
+    assert net.classifier.fc6.drop.p == 0.5 and net.classifier.fc7.fc.out_features == 4096
+
+def test_checkpoint_roundtrip(tmp_path):
+    net = build_alexnet(5, width=0.125, bn=True, conv1_stride=2, input_size=48).eval()
+    save_alexnet(net, tmp_path/'m.pth')
+    back = load_alexnet(tmp_path/'m.pth').eval()
+    x = torch.randn(2, 3, 48, 48)
+    assert torch.equal(net(x), back(x))
+    assert back.args == net.args
+
+def test_from_cfn_copies_convs():
+    src = build_alexnet(3, width=0.25, bn=True, conv1_stride=2, input_size=64)
+    trunk = nn.Sequential(dict((n, getattr(src.features, n)) for n in CONV_LAYERS)) if False else \
+        nn.Sequential(*[]).__class__(__import__('collections').OrderedDict((n, getattr(src.features, n)) for n in CONV_LAYERS))
+    with torch.no_grad():
+        for m in trunk.modules():
+            if isinstance(m, nn.BatchNorm2d): m.running_mean.uniform_(); m.running_var.uniform_(0.5, 2)
+    net = alexnet_from_cfn(trunk, 7, input_size=64)
+    for n in CONV_LAYERS:
+        assert torch.equal(getattr(net.features, n).conv.weight, getattr(trunk, n).conv.weight)
+        assert torch.equal(getattr(net.features, n).bn.running_var, getattr(trunk, n).bn.running_var)
+    assert net.classifier.fc8.out_features == 7
+
+def test_from_real_cfn_paper_stride():
+    jig = pytest.importorskip('kt_paper.jigsaw')
+    try: cfn = jig.build_cfn('alexnet', n_perms=8)
+    except Exception as e: pytest.skip(f"kt_paper.jigsaw.build_cfn unavailable: {e}")
+    net = alexnet_from_cfn(cfn, 10, input_size=227)
+    assert net.features.conv1.conv.stride == (4, 4)           # the CFN's stride-2 conv1 becomes AlexNet's stride 4
+    assert torch.equal(net.features.conv1.conv.weight, cfn.trunk.conv1[0].weight)
+    assert activation_shapes(net)['pool5'] == (256, 6, 6)
+
+def test_balanced_sampler_evens_out_labels():
+    lab = np.array([0]*95 + [1]*5)
+    torch.manual_seed(0)
+    drawn = lab[list(iter(balanced_sampler(lab, 2000)))]
+    assert 0.4 < drawn.mean() < 0.6
+
+def test_step_lr():
+    f = step_lr(0.01, (2, 3), 4)
+    assert [round(f(p), 6) for p in (0, 0.49, 0.5, 0.75, 0.99)] == [0.01, 0.01, 0.001, 0.0001, 0.0001]
+
+def _toy(n_train=96, n_val=48, size=52):
+    (xi, yi), (xv, yv) = synthetic_images(n_train, size), synthetic_images(n_val, size, seed=1)
+    return xi, yi, xv, yv
+
+def test_cc_learns_two_separable_pseudo_classes():
+    cfg = STUDENT_PRESETS['test']
+    xi, yi, xv, yv = _toy(size=cfg.resize)
+    seed_everything(0)
+    dls = make_student_dls(ImageTensorDataset(xi, yi, cfg.crop, True), ImageTensorDataset(xv, yv, cfg.crop, False), cfg.bs, num_workers=0)
+    learn = fit_student(student_learner(build_alexnet(2, **cfg.alexnet_args()), dls, cfg), 3)
+    assert evaluate_top1(learn.model, dls.valid) > 0.9
+
+class _StopAfterFirstEpoch(Callback):
+    order = 100  # after EpochCheckpoint
+    def after_epoch(self):
+        if self.epoch == 0: raise CancelFitException
+
+def test_resume_gives_same_weights(tmp_path):
+    from dataclasses import replace
+    cfg = replace(STUDENT_PRESETS['test'], epochs=3, lr_milestones=(2,), balanced=True)
+    xi, yi, xv, yv = _toy(64, 32, cfg.resize)
+    args = dict(train_paths=[None]*len(yi), train_labels=yi, val_paths=[None]*len(yv), val_labels=yv, cfg=cfg,
+                n_classes=2, seed=3, images=(xi, xv), num_workers=0)
+    full = train_student(out_dir=tmp_path/'full', **args)
+    part = train_student(out_dir=tmp_path/'part', cbs=[_StopAfterFirstEpoch()], **args)
+    assert part == dict(finished=False) and not (tmp_path/'part'/'final.pth').exists()
+    resumed = train_student(out_dir=tmp_path/'part', **args)
+    a, b = load_alexnet(tmp_path/'full'/'final.pth').state_dict(), load_alexnet(tmp_path/'part'/'final.pth').state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert full['val_top1'] == resumed['val_top1']
