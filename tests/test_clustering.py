@@ -1,0 +1,83 @@
+"Tests of kt_paper.clustering: k-means backends, seeding, pseudo-labels, cross-dataset labelling, diagnostics."
+import numpy as np, pytest
+from sklearn.metrics import normalized_mutual_info_score as nmi
+from kt_paper import clustering as C
+from kt_paper.clustering import (ClusterConfig, make_blobs, kmeans, assign, kmeans_objective, fit_clusters, label_with_clusters,
+                                 load_pseudo_labels, cluster_diagnostics, fit_preprocessing, apply_preprocessing, Preprocessing)
+
+needs_faiss = pytest.mark.skipif(not C.HAVE_FAISS, reason='faiss not installed')
+
+@pytest.mark.parametrize('backend', [pytest.param('faiss', marks=needs_faiss), 'torch'])
+def test_blobs_recovered(backend):
+    x, y = make_blobs(3000, 12, 24, spread=0.05, seed=1)
+    r = kmeans(x, 12, niter=10, seed=0, backend=backend, device='cpu')
+    assert nmi(y, assign(x, r.centroids)[0]) > 0.999
+    assert r.centroids.shape == (12, 24) and r.centroids.dtype == np.float32
+
+def test_stable_for_fixed_seed():
+    x, _ = make_blobs(2000, 30, 16, spread=0.5, seed=2)
+    a = assign(x, kmeans(x, 20, seed=5).centroids)[0]
+    b = assign(x, kmeans(x, 20, seed=5).centroids)[0]
+    np.testing.assert_array_equal(a, b)
+
+@needs_faiss
+def test_torch_fallback_matches_faiss_objective():
+    # overlapping groups (more groups than clusters): the objective depends on the optimisation, not just the data
+    x, _ = make_blobs(6000, 80, 32, spread=0.6, seed=3)
+    f = kmeans(x, 40, niter=20, seed=0, backend='faiss')
+    t = kmeans(x, 40, niter=20, seed=0, backend='torch', device='cpu')
+    assert abs(t.objective / f.objective - 1) < 0.01, (t.objective, f.objective)
+    # and the reported objective is the one computed independently
+    assert np.isclose(f.objective, kmeans_objective(x, f.centroids, 'torch'), rtol=1e-4)
+
+@needs_faiss
+def test_kmeanspp_beats_random_init():
+    x, _ = make_blobs(8000, 200, 32, spread=0.7, seed=4)
+    pp = kmeans(x, 100, niter=10, seed=0, init='kmeans++').objective
+    rnd = kmeans(x, 100, niter=10, seed=0, init='random').objective
+    assert pp < rnd
+
+def test_empty_clusters_are_resplit():
+    # 5 distinct points, 5 clusters, initialised with 4 copies of one point: the empty ones must be re-seeded
+    x = np.repeat(np.eye(5, dtype=np.float32) * 10, 20, axis=0)
+    init = np.stack([x[0]] * 4 + [x[-1]])
+    c, nsplit = C.torch_lloyd(x, init, niter=10, device='cpu')
+    assert nsplit > 0
+    assert len(np.unique(c.round(6), axis=0)) == 5  # no duplicated centres left behind
+
+def test_preprocessing_roundtrip(tmp_path):
+    x, _ = make_blobs(500, 5, 20, seed=0)
+    pp = fit_preprocessing(x, 8, whiten=True, l2=True)
+    y = apply_preprocessing(pp, x, chunk=100)
+    assert y.shape == (500, 8)
+    np.testing.assert_allclose(np.linalg.norm(y, axis=1), 1, rtol=1e-5)
+    pp.save(tmp_path/'pp.npz')
+    np.testing.assert_array_equal(apply_preprocessing(Preprocessing.load(tmp_path/'pp.npz'), x, chunk=100), y)
+
+def test_cross_dataset_labelling(tmp_path):
+    # "ImageNet" and "Places" share the same 6 underlying groups; centres from one label the other, and the reverse
+    x, y = make_blobs(1600, 6, 16, spread=0.1, seed=7)
+    a, ya, b, yb = x[:800], y[:800], x[800:], y[800:]
+    cfg = ClusterConfig(k=6, pca_dim=8, niter=10)
+    fit_clusters(a, cfg, tmp_path/'A', seed=0)
+    fit_clusters(b, cfg, tmp_path/'B', seed=0)
+    dab = label_with_clusters(tmp_path/'A', b, [f'b{i}' for i in range(800)], tmp_path/'A'/'b.csv', yb)
+    dba = label_with_clusters(tmp_path/'B', a, [f'a{i}' for i in range(800)], tmp_path/'B'/'a.csv', ya)
+    assert dab['nmi'] > 0.99 and dba['nmi'] > 0.99
+    pl = load_pseudo_labels(tmp_path/'A'/'b.csv')
+    assert pl.ids[:2] == ['b0', 'b1'] and len(pl.labels) == 800 and pl.labels.max() < 6
+    with pytest.raises(ValueError, match='dimension'): label_with_clusters(tmp_path/'A', b[:, :3], ['x']*800, tmp_path/'x.csv')
+
+def test_diagnostics_counts():
+    d = cluster_diagnostics(np.array([0]*90 + [1]*9 + [3]), 4, true_labels=np.array([0]*89 + [1]*11), tiny_frac=0.5)
+    assert (d['n_empty'], d['n_tiny'], d['size_max']) == (1, 2, 90)
+    assert d['purity'] == 0.99 and 0 < d['nmi'] < 1
+    assert 'nmi' not in cluster_diagnostics(np.zeros(5, int), 2, true_labels=-np.ones(5, int))
+
+def test_bad_inputs():
+    x, _ = make_blobs(10, 2, 4)
+    with pytest.raises(ValueError, match='only 10 points'): kmeans(x, 11)
+    with pytest.raises(ValueError, match='unknown k-means backend'): kmeans(x, 2, backend='sklearn')
+    with pytest.raises(ValueError, match='header'):
+        import tempfile, pathlib
+        p = pathlib.Path(tempfile.mkdtemp())/'bad.csv'; p.write_text('a,b\n1,2\n'); load_pseudo_labels(p)

@@ -1,0 +1,109 @@
+"Tests of kt_paper.teachers: feature shapes and determinism, streaming extraction, resumption, manifests."
+import numpy as np, pytest, torch
+from PIL import Image
+from kt_paper import teachers as T
+from kt_paper.core import load_json
+
+SMALL = dict(arch='alexnet', width=0.125, tile=16, conv1_kernel=3, conv1_stride=1, conv1_pad=1)
+CFG = T.TeacherConfig(image_size=48, hog_size=32, hog_cell=8, batch_size=4, dtype='float32')
+
+@pytest.fixture(scope='module')
+def images(tmp_path_factory):
+    d = tmp_path_factory.mktemp('imgs'); rng = np.random.default_rng(0); paths = []
+    for i in range(11):
+        p = d/f'c{i % 3}'/f'{i:02d}.png'; p.parent.mkdir(exist_ok=True)
+        Image.fromarray((rng.random((40 + i, 56, 3)) * 255).astype(np.uint8)).save(p); paths.append(p)
+    return d, paths
+
+def _img(i=0): return Image.fromarray((np.random.default_rng(i).random((70, 90, 3)) * 255).astype(np.uint8))
+
+def test_hog_shape_and_determinism():
+    t = T.hog_teacher(CFG)
+    f = t.prepare(_img())
+    assert f.shape == (T.hog_dim(32, 8, 2, 9),) == (324,)
+    assert torch.equal(f, t.prepare(_img())) and not torch.equal(f, t.prepare(_img(1)))
+    assert T.HOGTeacher(64, 8, 2, 9).dim == 1764
+
+@pytest.mark.parametrize('pool,dim', [('grid', 4 * 48), ('avg', 48), ('max', 48), ('none', 48 * 11 * 11)])
+def test_cnn_shape_and_determinism(pool, dim):
+    import dataclasses
+    cfg = dataclasses.replace(CFG, pool=pool)
+    a, b = T.random_teacher(cfg, seed=0, **SMALL), T.random_teacher(cfg, seed=0, **SMALL)
+    x = torch.stack([a.prepare(_img(0)), a.prepare(_img(1))])
+    fa = a.embed(x)
+    assert fa.shape == (2, dim) and a.dim == dim
+    assert torch.equal(fa, b.embed(x))
+    assert not torch.equal(fa, T.random_teacher(cfg, seed=1, **SMALL).embed(x))
+
+def test_layer_choice():
+    import dataclasses
+    t5 = T.random_teacher(dataclasses.replace(CFG, layer='conv5', pool='avg'), **SMALL)
+    t2 = T.random_teacher(dataclasses.replace(CFG, layer='conv2', pool='avg'), **SMALL)
+    assert t5.dim == 32 and t2.dim == 32  # width 0.125: conv2 256/8, conv5 256/8 channels
+    with pytest.raises(KeyError, match='unknown layer'): T.random_teacher(dataclasses.replace(CFG, layer='fc6'), **SMALL)
+
+def test_jigsaw_teacher_from_checkpoint(tmp_path):
+    from kt_paper.jigsaw import build_cfn, save_jigsaw_net
+    torch.manual_seed(0); net = build_cfn(n_perms=8, init='torch', **SMALL)
+    p = save_jigsaw_net(net, tmp_path/'j.pth')
+    a, b = T.jigsaw_teacher(p, CFG), T.jigsaw_teacher(net, CFG)
+    x = torch.stack([a.prepare(_img())])
+    assert torch.equal(a.embed(x), b.embed(x)) and a.describe()['layer'] == 'conv4'
+    assert a.describe()['checkpoint_sha']
+
+def test_extraction_and_manifest(images, tmp_path):
+    root, paths = images
+    f = T.extract_features(T.hog_teacher(CFG), paths, tmp_path/'h.npy', root=root, labels=[i % 3 for i in range(11)],
+                           dataset='demo', batch_size=4, num_workers=0)
+    x, man = T.load_features(f)
+    assert x.shape == (11, 324) and man['shape'] == [11, 324] and man['dtype'] == 'float32'
+    assert man['ids'][0] == 'c0/00.png' and man['labels'][:4] == [0, 1, 2, 0] and man['teacher']['name'] == 'hog'
+    np.testing.assert_array_equal(x[5], T.hog_teacher(CFG).prepare(Image.open(paths[5]).convert('RGB')).numpy())
+    assert not (tmp_path/'h.partial.npy').exists() and not (tmp_path/'h.progress.json').exists()
+
+def test_float16_and_workers(images, tmp_path):
+    root, paths = images
+    f32 = T.extract_features(T.hog_teacher(CFG), paths, tmp_path/'a.npy', batch_size=4, num_workers=0)
+    f16 = T.extract_features(T.hog_teacher(CFG), paths, tmp_path/'b.npy', batch_size=3, num_workers=2, dtype='float16')
+    a, b = np.load(f32), np.load(f16)
+    assert b.dtype == np.float16
+    np.testing.assert_allclose(a, b.astype(np.float32), atol=2e-3)
+
+def test_resume_after_interruption(images, tmp_path):
+    root, paths = images
+    ref = np.load(T.extract_features(T.random_teacher(CFG, seed=0, **SMALL), paths, tmp_path/'ref.npy', batch_size=4, num_workers=0))
+    t = T.random_teacher(CFG, seed=0, **SMALL); seen = []; embed = t.embed
+    def flaky(x):
+        if len(x) > 1: seen.append(len(x))
+        if len(seen) == 2 and len(x) > 1: raise KeyboardInterrupt
+        return embed(x)
+    t.embed = flaky
+    with pytest.raises(KeyboardInterrupt):
+        T.extract_features(t, paths, tmp_path/'r.npy', batch_size=4, num_workers=0, flush_every=1)
+    assert load_json(tmp_path/'r.progress.json')['done'] == 4 and not (tmp_path/'r.npy').exists()
+    T.extract_features(t, paths, tmp_path/'r.npy', batch_size=4, num_workers=0, flush_every=1)
+    assert seen == [4, 4, 4, 3]  # only the 7 missing images were computed after the restart
+    np.testing.assert_array_equal(np.load(tmp_path/'r.npy'), ref)
+
+def test_changed_teacher_restarts(images, tmp_path):
+    root, paths = images
+    T.extract_features(T.random_teacher(CFG, seed=0, **SMALL), paths, tmp_path/'r.npy', batch_size=4, num_workers=0)
+    f = T.extract_features(T.random_teacher(CFG, seed=1, **SMALL), paths, tmp_path/'r.npy', batch_size=4, num_workers=0)
+    ref = T.extract_features(T.random_teacher(CFG, seed=1, **SMALL), paths, tmp_path/'q.npy', batch_size=4, num_workers=0)
+    np.testing.assert_array_equal(np.load(f), np.load(ref))
+
+def test_torchvision_teacher(tmp_path):
+    import torchvision
+    w = tmp_path/'r18.pth'; torch.save(torchvision.models.resnet18(num_classes=5).state_dict(), w)
+    t = T.torchvision_teacher('resnet18', w, CFG, num_classes=5)
+    assert t.dim == 512 and t.describe()['layer'] == 'flatten'
+    t2 = T.torchvision_teacher('resnet18', w, CFG, layer='layer3.1.relu_1', num_classes=5)
+    assert t2.dim == 4 * 256  # grid-pooled 2x2 of layer3's 256 channels
+    with pytest.raises(KeyError, match='no node'): T.torchvision_teacher('resnet18', w, CFG, layer='nope', num_classes=5)
+    with pytest.raises(ValueError, match='not a state dict'): T.torchvision_teacher('resnet18', w, CFG)
+
+def test_bad_image_is_named(images, tmp_path):
+    root, paths = images
+    bad = tmp_path/'bad.png'; bad.write_bytes(b'not an image')
+    with pytest.raises(Exception, match='bad.png'):
+        T.extract_features(T.hog_teacher(CFG), list(paths[:2]) + [bad], tmp_path/'x.npy', batch_size=4, num_workers=0)
