@@ -1,0 +1,200 @@
+"Tests of kt_paper.transfer: VOC readers, heads, augmentation, the training loop, and each protocol end to end on tiny data."
+import dataclasses, json, os
+from pathlib import Path
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from kt_paper.transfer import (TRANSFER_PRESETS, ClsConfig, SegConfig, DetConfig, TransferConfig, VOCImage, parse_annotation,
+                               read_voc_split, read_voc_seg_split, class_labels, conv_trunk, trunk_channels, TrunkClassifier,
+                               FCN32, masked_bce, lr_at, fit_steps, random_crop_flip, cls_view, det_target, to_voc_boxes,
+                               build_detector, voc07_classification, voc07_detection, voc12_segmentation, transfer_student,
+                               transfer_rows, markdown_table, TRANSFER_COLUMNS, ablation_students, k_ablation_rows,
+                               domain_ablation_rows, find_students, student_label, read_mask, describe_setup)
+from kt_paper.student import build_alexnet, save_alexnet
+
+torch.set_num_threads(1)
+SHARED = Path(os.environ.get('KT_PAPER_SHARED_DATA', Path(__file__).resolve().parents[1].parent/'shared'/'data'))
+MINI = SHARED/'voc2007-mini'/'VOCdevkit'/'VOC2007'
+CLASSES = ('aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat', 'chair', 'cow', 'diningtable', 'dog',
+           'horse', 'motorbike', 'person', 'pottedplant', 'sheep', 'sofa', 'train', 'tvmonitor')
+
+
+def _xml(objs, w=64, h=48):
+    o = ''.join(f"<object><name>{n}</name><difficult>{d}</difficult><bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin>"
+                f"<xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>" for n, d, b in objs)
+    return f"<annotation><size><width>{w}</width><height>{h}</height><depth>3</depth></size>{o}</annotation>"
+
+
+@pytest.fixture(scope='module')
+def toy_voc(tmp_path_factory):
+    "A hand-made VOCdevkit (2007 with boxes, 2012 with masks): 12 images of 64x48, one coloured box each."
+    root = tmp_path_factory.mktemp('voc')
+    v7, v12 = root/'VOCdevkit'/'VOC2007', root/'VOCdevkit'/'VOC2012'
+    rng = np.random.default_rng(0); ids = [f'{i:06d}' for i in range(1, 13)]
+    for v in (v7, v12):
+        for d in ('JPEGImages', 'Annotations', 'ImageSets/Main', 'ImageSets/Segmentation', 'SegmentationClass'): (v/d).mkdir(parents=True)
+    for n, i in enumerate(ids):
+        c = n % 3                                          # classes 0, 1, 2 (aeroplane, bicycle, bird), one colour each
+        x0, y0 = int(rng.integers(1, 30)), int(rng.integers(1, 20)); x1, y1 = x0 + 25, y0 + 20
+        img = np.full((48, 64, 3), 90, np.uint8); img[y0-1:y1, x0-1:x1] = [(230, 20, 20), (20, 230, 20), (20, 20, 230)][c]
+        mask = np.zeros((48, 64), np.uint8); mask[y0-1:y1, x0-1:x1] = c + 1; mask[y0-1, x0-1:x1] = 255
+        objs = [(CLASSES[c], 0, (x0, y0, x1, y1))] + ([(CLASSES[3], 1, (2, 2, 12, 12))] if n == 0 else [])
+        for v in (v7, v12):
+            Image.fromarray(img).save(v/'JPEGImages'/f'{i}.jpg', quality=95)
+            (v/'Annotations'/f'{i}.xml').write_text(_xml(objs))
+            p = Image.fromarray(mask, 'P'); p.putpalette([0, 0, 0] * 256); p.save(v/'SegmentationClass'/f'{i}.png')
+    for v in (v7, v12):
+        for split, s in (('trainval', ids[:8]), ('test', ids[8:]), ('train', ids[:8]), ('val', ids[8:])):
+            (v/'ImageSets'/'Main'/f'{split}.txt').write_text('\n'.join(s) + '\n')
+            (v/'ImageSets'/'Segmentation'/f'{split}.txt').write_text('\n'.join(s) + '\n')
+    return v7, v12
+
+
+@pytest.fixture(scope='module')
+def alexnet():
+    torch.manual_seed(0)
+    return build_alexnet(20, width=0.125, bn=True, conv1_stride=2, input_size=48)
+
+
+def test_readers(toy_voc):
+    v7, v12 = toy_voc
+    ims = read_voc_split(v7, 'trainval')
+    assert len(ims) == 8 and ims[0].id == '000001' and ims[0].width == 64
+    assert ims[0].labels.tolist() == [0, 3] and ims[0].difficult.tolist() == [False, True]
+    lab = class_labels(ims)
+    assert lab[0, 0] == 1 and lab[0, 3] == 0 and lab[0, 1] == -1 and lab[1, 1] == 1
+    pairs = read_voc_seg_split(v12, 'val'); assert len(pairs) == 4
+    assert set(np.unique(read_mask(pairs[0][1]).numpy())) <= {0, 1, 2, 3, 255}
+    with pytest.raises(FileNotFoundError, match='split file'): read_voc_split(v7, 'nosuch')
+
+
+def test_bad_annotation_is_named(tmp_path):
+    f = tmp_path/'x.xml'; f.write_text(_xml([('unicorn', 0, (1, 1, 5, 5))]))
+    with pytest.raises(ValueError, match='unknown class'): parse_annotation(f)
+    f.write_text('<annotation><size>')
+    with pytest.raises(ValueError, match='x.xml'): parse_annotation(f)
+
+
+def test_trunks_and_heads(alexnet):
+    t = conv_trunk(alexnet, keep_pool5=False)
+    assert 'pool5' not in dict(t.named_children()) and 'pool5' in dict(conv_trunk(alexnet).named_children())
+    assert trunk_channels(t) == alexnet.args['channels'][-1]
+    t.conv1.conv.weight.data.zero_()                               # a copy: the student is untouched
+    assert alexnet.features.conv1.conv.weight.abs().sum() > 0
+    clf = TrunkClassifier(conv_trunk(alexnet), 48, 20, 32)
+    assert clf(torch.zeros(2, 3, 48, 48)).shape == (2, 20)
+    fcn = FCN32(conv_trunk(alexnet, False), 21, 16)
+    assert fcn(torch.zeros(1, 3, 50, 70)).shape == (1, 21, 50, 70)  # upsampled to the input size
+
+
+def test_masked_bce_ignores_difficult():
+    l = torch.tensor([[5., -5., 100.]])
+    a = masked_bce(l, torch.tensor([[1, -1, 0]]))
+    b = masked_bce(l[:, :2], torch.tensor([[1, -1]]))
+    assert torch.allclose(a, b)
+
+
+def test_lr_schedule_paper_presets():
+    c = TRANSFER_PRESETS['paper']
+    assert lr_at(0, c.cls.lr, c.cls.milestones, c.cls.gamma) == 1e-3
+    assert lr_at(79_999, c.cls.lr, c.cls.milestones, c.cls.gamma) == pytest.approx(1e-3 / 2**7)
+    assert [lr_at(s, c.seg.lr, c.seg.milestones, c.seg.gamma) for s in (0, 50_000, 100_000)] == pytest.approx([1e-4, 1e-5, 1e-6])
+    assert [lr_at(s, c.det.lr, c.det.milestones, c.det.gamma) for s in (49_999, 50_000, 149_999)] == pytest.approx([1e-3, 1e-4, 1e-5])
+    assert (c.cls.bs, c.cls.wd, c.cls.clip, c.cls.crop, c.cls.test_crops, c.cls.scale_range) == (16, 1e-6, 10., 227, 10, (.5, 2.))
+    assert (c.det.iters, c.det.min_size, c.det.max_size, c.seg.iters, c.seg.momentum, c.seg.wd) == (150_000, 600, 1000, 150_000, .9, 5e-4)
+    with pytest.raises(dataclasses.FrozenInstanceError): c.cls.lr = 1.
+
+
+def test_crop_flip_keeps_image_and_mask_aligned():
+    g = torch.Generator().manual_seed(3)
+    y = torch.arange(30 * 40).view(30, 40)
+    for _ in range(10):
+        xc, yc = random_crop_flip(y[None].float(), 20, g, y=y.clone())
+        assert torch.equal(xc[0].long(), yc)
+
+
+def test_det_target_roundtrip_and_flip():
+    im = VOCImage('a', Path('a.jpg'), 100, 50, np.array([[1., 1, 10, 20], [50, 5, 100, 50]]), np.array([4, 7]), np.array([False, True]))
+    t = det_target(im)
+    assert t['labels'].tolist() == [5] and t['boxes'].tolist() == [[0., 0., 10., 20.]]
+    np.testing.assert_allclose(to_voc_boxes(t['boxes']), [[1, 1, 10, 20]])
+    assert det_target(im, flip=True)['boxes'].tolist() == [[90., 0., 100., 20.]]
+
+
+def test_fit_steps_is_deterministic_and_resumes(tmp_path):
+    @dataclasses.dataclass(frozen=True)
+    class C: iters:int=6; lr:float=.05; milestones:tuple=(4,); gamma:float=.1; momentum:float=.9; wd:float=1e-4; clip:float=1.
+    def bf(step, g): x = torch.randn(8, 4, generator=g); return x, (x[:, :1] > 0).float()
+    def lf(m, b): return torch.nn.functional.binary_cross_entropy_with_logits(torch.nn.functional.dropout(m(b[0]), .3), b[1])
+    torch.manual_seed(0); m0 = torch.nn.Linear(4, 1); ma, mb, mc = (torch.nn.Linear(4, 1) for _ in range(3))
+    for m in (ma, mb, mc): m.load_state_dict(m0.state_dict())
+    ha = fit_steps(ma, lf, bf, C(), log_every=1); fit_steps(mb, lf, bf, C(), log_every=1)
+    assert torch.equal(ma.weight, mb.weight)
+    fit_steps(mc, lf, bf, C(iters=4), run_dir=tmp_path, log_every=1)
+    hc = fit_steps(mc, lf, bf, C(), run_dir=tmp_path, log_every=1)
+    assert torch.allclose(ma.weight, mc.weight, atol=1e-7) and [h['loss'] for h in hc] == [h['loss'] for h in ha]
+    assert (tmp_path/'history.csv').read_text().count('\n') == 7
+
+
+CLS = ClsConfig(iters=30, bs=8, lr=.05, milestones=(30,), resize=48, crop=40, scale_range=(.8, 1.2), test_crops=2, fc_dim=32, dropout=0.)
+
+
+def test_classification_learns_colours(toy_voc, alexnet):
+    "40 steps on 8 images of 3 colour-coded classes: test mAP over the 3 defined classes well above chance."
+    r = voc07_classification(alexnet, toy_voc[0], CLS, seed=0)
+    assert r['n_defined'] == 3 and r['n_test'] == 4 and len(r['undefined']) == 17
+    assert r['map_allpt'] > .7, r
+    assert set(r['seconds']) == {'total', 'train', 'test', 'cpu'}
+    r2 = voc07_classification(alexnet, toy_voc[0], dataclasses.replace(CLS, n_test=2), seed=0)
+    assert r2['n_test'] == 2
+
+
+def test_segmentation_runs_and_scores(toy_voc, alexnet):
+    cfg = SegConfig(iters=10, bs=4, lr=.05, milestones=(20,), crop=48, scale_range=(.9, 1.1), head_dim=16, dropout=0.)
+    r = voc12_segmentation(alexnet, toy_voc[1], cfg, seed=0)
+    assert r['n_test'] == 4 and 0 <= r['miou'] <= 1 and r['n_defined'] >= 4     # bg + the 3 classes present in val
+    assert r['iou']['background'] > .3 and r['pixel_acc'] > .5                  # background is most pixels
+
+
+def test_detection_single_and_multi_scale(toy_voc, alexnet):
+    cfg = dataclasses.replace(TRANSFER_PRESETS['test'].det, iters=3, min_size=48, max_size=64, ms_scales=(40, 48))
+    for ms in (False, True):
+        r = voc07_detection(alexnet, toy_voc[0], cfg, multi_scale=ms, seed=0)
+        assert r['protocol'].endswith('ms' if ms else 'ss') and r['n_test'] == 4 and r['n_defined'] == 3
+        assert 0 <= r['map_11pt'] <= 1 and r['n_dets'] <= 4 * cfg.max_dets
+        assert r['scales'] == ([40, 48] if ms else [48])
+
+
+def test_transfer_student_caches_and_tables(toy_voc, alexnet, tmp_path):
+    ck = save_alexnet(alexnet, tmp_path/'student'/'cc_hog_k8'/'final.pth')
+    save_alexnet(alexnet, tmp_path/'student'/'random'/'final.pth')
+    cfg = TransferConfig(cls=dataclasses.replace(CLS, iters=3), ckpt_every=0)
+    res = transfer_student('cc_hog_k8', ck, cfg, toy_voc[0], None, tmp_path, ('cls', 'seg'), 'custom', 0)
+    assert list(res) == ['cls']                                                 # no VOC12 given: seg skipped
+    f = tmp_path/'transfer'/'cc_hog_k8'/'cls.json'; mtime = f.stat().st_mtime_ns
+    res2 = transfer_student('cc_hog_k8', ck, cfg, toy_voc[0], None, tmp_path, ('cls',), 'custom', 0)
+    assert f.stat().st_mtime_ns == mtime and res2['cls']['map_11pt'] == res['cls']['map_11pt']
+    rows = transfer_rows({'cc_hog_k8': res})
+    assert rows[0]['model'] == 'CC+hog_k8' and rows[0]['det_ss_map'] is None
+    assert '| CC+hog_k8 |' in markdown_table(rows, TRANSFER_COLUMNS)
+    assert list(find_students(tmp_path/'student')) == ['cc_hog_k8', 'random']
+    ks, dom = ablation_students(find_students(tmp_path/'student'))
+    assert list(ks) == [('hog', 8)] and dom == {}
+    assert k_ablation_rows({'cc_hog_k8': res})[0]['k'] == 8
+    assert domain_ablation_rows({'cc_jigsaw_objects-scenes': res})[0]['labelled'] == 'scenes'
+    assert 'seed 0' in describe_setup(cfg, 'custom', 0, {'x': res}) and student_label('jigsaw_direct') == 'Jigsaw++ (direct)'
+
+
+@pytest.mark.skipif(not MINI.exists(), reason=f'real VOC sample not found at {MINI}')
+def test_real_voc2007_mini_smoke(alexnet):
+    "Classification and detection run on the 100 genuine VOC2007 images; AP is undefined exactly for the 4 absent classes."
+    ims = read_voc_split(MINI, 'test')
+    assert len(ims) == 36
+    cfg = dataclasses.replace(CLS, iters=2, bs=4)
+    r = voc07_classification(alexnet, MINI, cfg, seed=0)
+    assert sorted(r['undefined']) == ['cat', 'diningtable', 'pottedplant', 'tvmonitor'] and r['n_defined'] == 16
+    assert 0 < r['map_11pt'] < 1
+    det = dataclasses.replace(TRANSFER_PRESETS['test'].det, iters=1)
+    rd = voc07_detection(alexnet, MINI, det, seed=0)
+    assert rd['n_test'] == 36 and rd['n_defined'] == 16 and 0 <= rd['map_11pt'] <= 1
