@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from kt_paper.transfer import (TRANSFER_PRESETS, ClsConfig, SegConfig, DetConfig, TransferConfig, VOCImage, parse_annotation,
+from kt_paper.data import AnnotationError
+from kt_paper.transfer import (TRANSFER_PRESETS, ClsConfig, SegConfig, DetConfig, TransferConfig, VOCImage,
                                read_voc_split, read_voc_seg_split, class_labels, conv_trunk, trunk_channels, TrunkClassifier,
                                FCN32, masked_bce, lr_at, fit_steps, random_crop_flip, cls_view, det_target, to_voc_boxes,
                                build_detector, voc07_classification, voc07_detection, voc12_segmentation, transfer_student,
@@ -20,10 +21,10 @@ CLASSES = ('aeroplane', 'bicycle', 'bird', 'boat', 'bottle', 'bus', 'car', 'cat'
            'horse', 'motorbike', 'person', 'pottedplant', 'sheep', 'sofa', 'train', 'tvmonitor')
 
 
-def _xml(objs, w=64, h=48):
+def _xml(objs, w=64, h=48, fn='x.jpg'):
     o = ''.join(f"<object><name>{n}</name><difficult>{d}</difficult><bndbox><xmin>{b[0]}</xmin><ymin>{b[1]}</ymin>"
                 f"<xmax>{b[2]}</xmax><ymax>{b[3]}</ymax></bndbox></object>" for n, d, b in objs)
-    return f"<annotation><size><width>{w}</width><height>{h}</height><depth>3</depth></size>{o}</annotation>"
+    return f"<annotation><filename>{fn}</filename><size><width>{w}</width><height>{h}</height><depth>3</depth></size>{o}</annotation>"
 
 
 @pytest.fixture(scope='module')
@@ -66,14 +67,14 @@ def test_readers(toy_voc):
     assert lab[0, 0] == 1 and lab[0, 3] == 0 and lab[0, 1] == -1 and lab[1, 1] == 1
     pairs = read_voc_seg_split(v12, 'val'); assert len(pairs) == 4
     assert set(np.unique(read_mask(pairs[0][1]).numpy())) <= {0, 1, 2, 3, 255}
-    with pytest.raises(FileNotFoundError, match='split file'): read_voc_split(v7, 'nosuch')
+    with pytest.raises(AnnotationError, match='split file'): read_voc_split(v7, 'nosuch')
 
 
-def test_bad_annotation_is_named(tmp_path):
-    f = tmp_path/'x.xml'; f.write_text(_xml([('unicorn', 0, (1, 1, 5, 5))]))
-    with pytest.raises(ValueError, match='unknown class'): parse_annotation(f)
-    f.write_text('<annotation><size>')
-    with pytest.raises(ValueError, match='x.xml'): parse_annotation(f)
+def test_bad_annotation_is_named(toy_voc, tmp_path):
+    import shutil
+    v = tmp_path/'VOC2007'; shutil.copytree(toy_voc[0], v)
+    (v/'Annotations'/'000002.xml').write_text(_xml([('unicorn', 0, (1, 1, 5, 5))]))
+    with pytest.raises(AnnotationError, match='000002.xml.*unknown class'): read_voc_split(v, 'trainval')
 
 
 def test_trunks_and_heads(alexnet):
