@@ -81,3 +81,26 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match='header'):
         import tempfile, pathlib
         p = pathlib.Path(tempfile.mkdtemp())/'bad.csv'; p.write_text('a,b\n1,2\n'); load_pseudo_labels(p)
+
+def test_stage_on_extracted_features(tmp_path):
+    "cluster_teacher_features: features written by teachers.extract_features -> pseudo-label CSVs with diagnostics."
+    from PIL import Image
+    from kt_paper.teachers import HOGTeacher, extract_features
+    from kt_paper.clustering import cluster_teacher_features
+    rng = np.random.default_rng(0)
+    for split, n in (('train', 12), ('val', 4)):
+        paths, labels = [], []
+        for i in range(n):
+            c = i % 2; p = tmp_path/'data'/split/f'c{c}'/f'{i}.png'; p.parent.mkdir(parents=True, exist_ok=True)
+            a = np.zeros((32, 32), np.uint8); a[:, ::4] = 255                 # class 0: vertical stripes
+            if c: a = a.T.copy()                                               # class 1: horizontal stripes
+            a = np.clip(a.astype(int) + rng.integers(0, 40, a.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(a).convert('RGB').save(p); paths.append(p); labels.append(c)
+        extract_features(HOGTeacher(32, 8, 2, 9), paths, tmp_path/'feat'/f'objects_{split}.npy', root=tmp_path/'data',
+                         labels=labels, batch_size=5, num_workers=0)
+    r = cluster_teacher_features(tmp_path/'feat', ClusterConfig(k=2, pca_dim=4, niter=10), tmp_path/'cl')
+    d = r['diagnostics']
+    assert set(d) == {'objects_train', 'objects_val'} and d['objects_val']['nmi'] > 0.99
+    pl = load_pseudo_labels(r['cluster_dir']/'pseudo_labels_objects_val.csv')
+    assert pl.ids[0] == 'val/c0/0.png' and len(pl.labels) == 4
+    assert (r['cluster_dir']/'diagnostics.json').exists() and (r['cluster_dir']/'centroids.npy').exists()
