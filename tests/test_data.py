@@ -87,6 +87,13 @@ def test_ensure_is_safe_in_parallel(tmp_path):
     assert D.load_json(root/'builtin.json')['version'] == D.BUILTIN_VERSION
 
 
+def test_ensure_refuses_other_settings_and_versions(builtin, tmp_path):
+    with pytest.raises(DataError, match='other settings'): ensure_builtin_dataset(builtin, seed=1, scale='test')
+    with pytest.raises(ValueError, match='unknown scale'): ensure_builtin_dataset(builtin, scale='huge')
+    old = tmp_path/'old'; old.mkdir(); D.save_json(dict(version=0, args={}), old/'builtin.json')
+    with pytest.raises(DataError, match='generator version 0'): ensure_builtin_dataset(old, scale='test')
+
+
 def test_builtin_layout(builtin):
     counts = D.load_json(builtin/'builtin.json')['counts']
     s = D.BUILTIN_SCALES['test']
