@@ -107,3 +107,13 @@ def test_bad_image_is_named(images, tmp_path):
     bad = tmp_path/'bad.png'; bad.write_bytes(b'not an image')
     with pytest.raises(Exception, match='bad.png'):
         T.extract_features(T.hog_teacher(CFG), list(paths[:2]) + [bad], tmp_path/'x.npy', batch_size=4, num_workers=0)
+
+def test_supervised_teacher_trains(images):
+    root, paths = images
+    labels = [i % 3 for i in range(11)]
+    trunk = T.train_supervised_teacher(paths, labels, CFG, epochs=1, bs=4, device='cpu', num_workers=0, **SMALL)
+    t = T.supervised_teacher(trunk, CFG)
+    x = torch.stack([t.prepare(_img())])
+    assert t.embed(x).shape == (1, 4 * 48) and torch.equal(t.embed(x), t.embed(x))
+    fresh = T.random_teacher(CFG, seed=0, **SMALL)
+    assert not torch.equal(t.embed(x), fresh.embed(x))
