@@ -223,3 +223,8 @@ def test_device_puzzles_callback_trains(tmp_path):
     assert len(seen) == 4                                        # 2 training + 2 validation batches
     for shape, dtype, ymax in seen:
         assert shape == (4, 9, 3, TEST.tile, TEST.tile) and dtype == torch.float32 and ymax < len(perms)
+
+def test_step_schedule():
+    f = step_lr(0.01, 100_000, 0.1, 350_000)                  # the paper's schedule, as a function of progress
+    assert f(0) == 0.01 and f(99_999/350_000) == 0.01
+    assert abs(f(100_000/350_000) - 1e-3) < 1e-12 and abs(f(0.99) - 1e-5) < 1e-12
