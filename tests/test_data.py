@@ -79,7 +79,8 @@ def test_generator_refuses_nonempty(tmp_path):
 def _ensure(root): return str(ensure_builtin_dataset(root, seed=0, scale='test', n_workers=0))
 
 
-def test_ensure_is_safe_in_parallel(tmp_path):
+def test_ensure_is_safe_in_parallel(tmp_path, monkeypatch):
+    monkeypatch.setitem(D.BUILTIN_SCALES, 'test', dict(size=96, **TINY))    # smaller; the forked workers inherit it
     root = tmp_path/'shared'
     with mp.get_context('fork').Pool(2) as pool: res = pool.map(_ensure, [root, root])
     assert res == [str(root)]*2
