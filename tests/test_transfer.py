@@ -152,10 +152,11 @@ def test_classification_learns_colours(toy_voc, alexnet):
 
 
 def test_segmentation_runs_and_scores(toy_voc, alexnet):
-    cfg = SegConfig(iters=10, bs=4, lr=.05, milestones=(20,), crop=48, scale_range=(.9, 1.1), head_dim=16, dropout=0.)
+    "80 steps on 8 images with one colour-coded object each: the objects are segmented (not only the background)."
+    cfg = SegConfig(iters=80, bs=4, lr=.05, milestones=(60,), crop=48, scale_range=(.9, 1.1), head_dim=32, dropout=0.)
     r = voc12_segmentation(alexnet, toy_voc[1], cfg, seed=0)
-    assert r['n_test'] == 4 and 0 <= r['miou'] <= 1 and r['n_defined'] >= 4     # bg + the 3 classes present in val
-    assert r['iou']['background'] > .3 and r['pixel_acc'] > .5                  # background is most pixels
+    assert r['n_test'] == 4 and r['n_defined'] >= 4                               # bg + the 3 classes present in val
+    assert r['miou'] > .4 and min(r['iou'][c] for c in ('aeroplane', 'bicycle', 'bird')) > .2, r['iou']
 
 
 def test_detection_single_and_multi_scale(toy_voc, alexnet):
