@@ -113,6 +113,14 @@ def test_per_tile_normalisation(p701):
     x = ds[0][0].reshape(9, -1)
     np.testing.assert_allclose(x.mean(1), 0, atol=1e-3)
     np.testing.assert_allclose(x.std(1, unbiased=False), PAPER.tile_scale, rtol=1e-3)
+    # bright, nearly flat tiles (a grey sky) are normalised exactly, like a float64 computation
+    flat = (250 + np.random.default_rng(0).integers(0, 3, (300, 300, 3))).astype(np.uint8)
+    c = dataclasses.replace(PAPER, colour='none')
+    ds = PuzzleDataset([flat, flat.copy()], c, p701)
+    x, _, p, j = ds.puzzle(0)
+    raw = ds.puzzle(0, normalise=False)[0].astype(np.float64).reshape(9, -1)
+    ref = (raw - raw.mean(1, keepdims=True)) / (raw.std(1, keepdims=True) + 1e-5) * c.tile_scale
+    np.testing.assert_allclose(x.reshape(9, -1), ref, atol=0.05)
 
 # ---- datasets
 
