@@ -25,3 +25,15 @@ def test_failed_worker_reports(tmp_path):
     import pytest
     with pytest.raises(RuntimeError, match='failed'):
         launch('kt_paper.no_such_module:f', {}, nproc=2, env=dict(OMP_NUM_THREADS='1'))
+
+def test_jigsaw_stage_under_ddp(tmp_path, monkeypatch):
+    "The pretext stage runs in two gloo processes; rank 0 alone writes the teacher and its history."
+    monkeypatch.setenv('IN_TEST', '1')
+    m = launch('kt_paper.jigsaw:run_pretext', dict(out=str(tmp_path), preset='test', seed=0), nproc=2,
+               env=dict(OMP_NUM_THREADS='1', IN_TEST='1'))
+    assert m['processes'] == 2 and 0 <= m['heldout_puzzle_acc'] <= 1
+    from kt_paper.jigsaw import load_jigsaw_net
+    net = load_jigsaw_net(tmp_path/'jigsaw'/'jigsaw_cfn.pth')
+    assert not any(k.startswith('module.') for k in net.state_dict())
+    hist = (tmp_path/'jigsaw'/'history.csv').read_text().splitlines()
+    assert len(hist) >= 2 and hist[0].startswith('epoch')
