@@ -12,10 +12,11 @@ import torch
 from .core import (pick_preset, get_device, save_json, load_json, save_array, atomic_path, fingerprint)
 
 # %% auto #0
-__all__ = ['CLUSTER_PRESETS', 'ClusterConfig', 'Preprocessing', 'fit_preprocessing', 'apply_preprocessing', 'kmeanspp_init',
-           'assign', 'kmeans_objective', 'resolve_backend', 'torch_lloyd', 'KMeansResult', 'kmeans', 'make_blobs',
-           'PseudoLabels', 'save_pseudo_labels', 'load_pseudo_labels', 'purity', 'cluster_diagnostics', 'fit_clusters',
-           'load_clusters', 'label_with_clusters', 'plot_cluster_grid', 'cluster_teacher_features']
+__all__ = ['CLUSTER_PRESETS', 'ABLATION_KS', 'ClusterConfig', 'Preprocessing', 'fit_preprocessing', 'apply_preprocessing',
+           'kmeanspp_init', 'assign', 'kmeans_objective', 'resolve_backend', 'torch_lloyd', 'KMeansResult', 'kmeans',
+           'make_blobs', 'PseudoLabels', 'save_pseudo_labels', 'load_pseudo_labels', 'purity', 'cluster_diagnostics',
+           'fit_clusters', 'load_clusters', 'label_with_clusters', 'plot_cluster_grid', 'cluster_teacher_features',
+           'cluster_k_ablation']
 
 # %% ../nbs/03_clustering.ipynb #ef9ccb01
 try:
@@ -449,3 +450,22 @@ def cluster_teacher_features(feat_dir,              # <out>/features/<teacher>
         res[name] = label_with_clusters(cdir, xl, ml['ids'], cdir/f'pseudo_labels_{name}.csv', ml.get('labels'), device=device)
     save_json({n: {k: v for k, v in d.items() if k not in ('sizes',)} for n, d in res.items()}, cdir/'diagnostics.json')
     return dict(cluster_dir=cdir, diagnostics=res)
+
+# %% ../nbs/03_clustering.ipynb #9d8aece7
+ABLATION_KS = {
+    'test':  (4,),                      # one small extra k: exercises the code path
+    'tiny':  (10, 80),                  # around the tiny preset's k = 40 (20 classes)
+    'small': (50, 500),                 # around the small preset's k = 200
+    'paper': (500, 1000, 5000, 10000),  # the paper's Table A (its default k = 2000 is the main run)
+}
+
+def cluster_k_ablation(feat_dir,                  # <out>/features/<teacher>
+                       cfg:ClusterConfig,         # the preset's hyperparameters (k is replaced)
+                       ks,                        # the k values to run, e.g. `ABLATION_KS[preset]`
+                       out_dir,                   # <out>/ablation_clusters/<teacher>
+                       train:str='objects_train', # feature file to cluster
+                       label:tuple=('objects_train', 'objects_val'), # files to label
+                       seed:int=0, device='auto') -> dict:
+    "k -> `cluster_teacher_features` result, one clustering of `feat_dir/<train>.npy` per k (reused when done)."
+    return {int(k): cluster_teacher_features(feat_dir, dataclasses.replace(cfg, k=int(k)), out_dir, train, label, seed, device)
+            for k in ks}
