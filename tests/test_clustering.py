@@ -104,3 +104,24 @@ def test_stage_on_extracted_features(tmp_path):
     pl = load_pseudo_labels(r['cluster_dir']/'pseudo_labels_objects_val.csv')
     assert pl.ids[0] == 'val/c0/0.png' and len(pl.labels) == 4
     assert (r['cluster_dir']/'diagnostics.json').exists() and (r['cluster_dir']/'centroids.npy').exists()
+
+def test_k_ablation_one_folder_per_k(tmp_path):
+    "cluster_k_ablation: one clustering per k (with the preset's other settings), each labelling both splits; reruns reuse them."
+    from kt_paper.core import save_json
+    from kt_paper.clustering import cluster_k_ablation, ABLATION_KS
+    assert set(ABLATION_KS) == {'test', 'tiny', 'small', 'paper'} and ABLATION_KS['paper'] == (500, 1000, 5000, 10000)
+    x, y = make_blobs(300, 6, 16, seed=0)
+    fd = tmp_path/'feat'; fd.mkdir()
+    for name, sl in (('objects_train', slice(0, 240)), ('objects_val', slice(240, 300))):
+        np.save(fd/f'{name}.npy', x[sl])
+        save_json(dict(shape=list(x[sl].shape), ids=[f'{name}/{i}' for i in range(len(x[sl]))], labels=y[sl].tolist(),
+                       fingerprint=name), fd/f'{name}.json')
+    cfg = ClusterConfig(k=40, pca_dim=8, niter=10)
+    r = cluster_k_ablation(fd, cfg, (3, 6), tmp_path/'abl')
+    assert sorted(r) == [3, 6]
+    assert [r[k]['diagnostics']['objects_val']['k'] for k in (3, 6)] == [3, 6]
+    assert sorted(p.name.split('-')[1] for p in (tmp_path/'abl').iterdir()) == ['k3', 'k6']
+    assert r[6]['diagnostics']['objects_val']['nmi'] > 0.99
+    mt = (r[6]['cluster_dir']/'centroids.npy').stat().st_mtime_ns
+    assert cluster_k_ablation(fd, cfg, (6,), tmp_path/'abl')[6]['cluster_dir'] == r[6]['cluster_dir']
+    assert (r[6]['cluster_dir']/'centroids.npy').stat().st_mtime_ns == mt   # the fitted model is reused
