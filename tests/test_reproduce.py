@@ -48,7 +48,7 @@ def test_pipeline_end_to_end_test_preset(tmp_path, monkeypatch):
     m = reproduce('test', out=tmp_path/'run', fig_dir=tmp_path/'fig')
     stages = [s.name for s in find_stages()]
     assert list(m['stages']) == stages
-    for s in stages: assert (tmp_path/'run'/'notebooks'/f'{find_stages()[stages.index(s)].notebook.name}').exists()
+    for s in find_stages(): assert (tmp_path/'run'/'notebooks'/s.notebook.name).exists()
     man = load_json(tmp_path/'run'/'manifest.json')
     assert man['preset'] == 'test' and man['environment']['torch']
     m2 = reproduce('test', out=tmp_path/'run', fig_dir=tmp_path/'fig')

@@ -1,3 +1,4 @@
+from collections import OrderedDict
 "Tests of kt_paper.student: AlexNet shapes per preset, checkpoints, CFN transfer, CC training and resume."
 import numpy as np, pytest, torch
 from torch import nn
@@ -40,8 +41,7 @@ def test_checkpoint_roundtrip(tmp_path):
 
 def test_from_cfn_copies_convs():
     src = build_alexnet(3, width=0.25, bn=True, conv1_stride=2, input_size=64)
-    trunk = nn.Sequential(dict((n, getattr(src.features, n)) for n in CONV_LAYERS)) if False else \
-        nn.Sequential(*[]).__class__(__import__('collections').OrderedDict((n, getattr(src.features, n)) for n in CONV_LAYERS))
+    trunk = nn.Sequential(OrderedDict((n, getattr(src.features, n)) for n in CONV_LAYERS))
     with torch.no_grad():
         for m in trunk.modules():
             if isinstance(m, nn.BatchNorm2d): m.running_mean.uniform_(); m.running_var.uniform_(0.5, 2)
