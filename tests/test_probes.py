@@ -90,3 +90,42 @@ def test_nonlinear_probe_trains_and_leaves_frozen_unchanged(toy):
     after = pf.model.features.state_dict()
     assert all(torch.equal(frozen_before[k], after[k]) for k in frozen_before)
     assert not torch.equal(before['features.conv4.conv.weight'], after['conv4.conv.weight'])
+
+# --- probe sets: which labelled sets the stage probes, and where they live
+from pathlib import Path
+from kt_paper.data import DATA_PRESETS, DataError
+from kt_paper.probes import PROBE_ROLES, NONLINEAR_SETS, parse_probe_sets, probe_set_roots, probe_split
+
+def test_parse_probe_sets():
+    assert parse_probe_sets('objects,scenes') == ('objects', 'scenes')
+    assert parse_probe_sets('scenes, objects,scenes') == ('scenes', 'objects')
+    for bad in ('', ' , ', 'objects,places', 'imagenet'):
+        with pytest.raises(ValueError, match='objects'): parse_probe_sets(bad)
+    assert set(NONLINEAR_SETS) <= set(PROBE_ROLES)
+
+def test_probe_set_roots_follow_data_roles(tmp_path, monkeypatch):
+    monkeypatch.delenv('KT_PAPER_DATA', raising=False)
+    roots = probe_set_roots(('objects', 'scenes'), DATA_PRESETS['paper'], tmp_path, check=False)
+    assert roots == {'objects': tmp_path/'ILSVRC2012', 'scenes': tmp_path/'places205'}
+    with pytest.raises(DataError, match='places205'): probe_set_roots(('scenes',), DATA_PRESETS['paper'], tmp_path)
+    (tmp_path/'places205').mkdir()   # only the requested role is resolved and checked (ILSVRC2012 is absent)
+    assert probe_set_roots(('scenes',), DATA_PRESETS['paper'], tmp_path) == {'scenes': tmp_path/'places205'}
+    with pytest.raises(DataError, match='DATA_ROOT'): probe_set_roots(('objects',), DATA_PRESETS['paper'], None)
+    assert probe_set_roots((), DATA_PRESETS['paper']) == {}
+
+def test_probe_set_roots_small_preset_on_real_samples(shared_data):
+    # the 'small' preset's VOC2012 role is built-in; resolving the probe sets must not need it
+    roots = probe_set_roots(('objects', 'scenes'), DATA_PRESETS['small'], shared_data)
+    assert roots == {'objects': shared_data/'imagenette2-mini', 'scenes': shared_data/'miniplaces-mini'}
+    cfg = replace(PROBE_PRESETS['test'], cache_images=False)
+    (tr, ytr), (va, yva), classes = probe_split(roots['scenes'], cfg)
+    assert len(classes) == 100 and len(tr) == len(ytr) == 2000 and len(va) == len(yva) == 500
+    assert sorted(set(ytr)) == list(range(100)) and all(Path(p).is_file() for p in tr[:5] + va[:5])
+
+def test_probe_split_builtin_test_scale():
+    roots = probe_set_roots(('objects', 'scenes'), DATA_PRESETS['test'])
+    assert [p.name for p in roots.values()] == ['objects', 'scenes']
+    cfg = PROBE_PRESETS['test']
+    (x, y), (xv, yv), classes = probe_split(roots['scenes'], cfg)
+    assert x.dtype == torch.uint8 and x.shape[1:] == (3, cfg.resize, cfg.resize) and len(x) == len(y) > 0
+    assert len(xv) == len(yv) > 0 and set(y) == set(yv) == set(range(len(classes)))
