@@ -236,3 +236,12 @@ def test_step_schedule():
     f = step_lr(0.01, 100_000, 0.1, 350_000)                  # the paper's schedule, as a function of progress
     assert f(0) == 0.01 and f(99_999/350_000) == 0.01
     assert abs(f(100_000/350_000) - 1e-3) < 1e-12 and abs(f(0.99) - 1e-5) < 1e-12
+
+def test_pretext_variant_goes_to_its_own_folder(tmp_path, monkeypatch):
+    "A plain-Jigsaw variant trains into `<out>/jigsaw_plain` with no occluders, beside (not over) the main teacher."
+    monkeypatch.setenv('IN_TEST', '1')
+    m = run_pretext(str(tmp_path), preset='test', seed=0, name='jigsaw_plain', **PRETEXT_VARIANTS['jigsaw_plain'])
+    assert m['name'] == 'jigsaw_plain' and m['max_occluders'] == 0
+    assert (tmp_path/'jigsaw_plain'/'jigsaw_cfn.pth').exists() and not (tmp_path/'jigsaw').exists()
+    assert load_jigsaw_net(tmp_path/'jigsaw_plain'/'jigsaw_cfn.pth') is not None
+    assert pretext_variants('auto', 'small') == ('jigsaw_plain',)
