@@ -1,12 +1,17 @@
 from collections import OrderedDict
-"Tests of kt_paper.student: AlexNet shapes per preset, checkpoints, CFN transfer, CC training and resume."
+"Tests of kt_paper.student: AlexNet shapes per preset, checkpoints, CFN transfer, CC training and resume, data roles."
+import os
+from pathlib import Path
 import numpy as np, pytest, torch
 from torch import nn
 from fastai.callback.core import Callback, CancelFitException
 from kt_paper.core import seed_everything
 from kt_paper.student import (STUDENT_PRESETS, CONV_LAYERS, build_alexnet, activation_shapes, save_alexnet, load_alexnet,
                               alexnet_from_cfn, balanced_sampler, synthetic_images, train_student, ImageTensorDataset,
-                              make_student_dls, student_learner, fit_student, evaluate_top1, step_lr)
+                              make_student_dls, student_learner, fit_student, evaluate_top1, step_lr,
+                              process_batch_size, read_student_data, run_student_job, decode_image)
+
+SHARED = Path(os.environ.get('KT_PAPER_SHARED_DATA', Path(__file__).resolve().parents[1].parent/'shared'/'data'))
 
 EXPECTED = {  # (C, H, W) of conv1..conv5 and pool5 at each preset's crop
     'paper': [(96, 55, 55), (256, 27, 27), (384, 13, 13), (384, 13, 13), (256, 13, 13), (256, 6, 6)],
@@ -100,3 +105,58 @@ def test_resume_gives_same_weights(tmp_path):
     a, b = load_alexnet(tmp_path/'full'/'final.pth').state_dict(), load_alexnet(tmp_path/'part'/'final.pth').state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert full['val_top1'] == resumed['val_top1']
+
+def test_process_batch_size():
+    assert process_batch_size(STUDENT_PRESETS['paper'], 8) == 32 and process_batch_size(STUDENT_PRESETS['tiny'], 1) == 64
+    with pytest.raises(ValueError, match='does not split'): process_batch_size(STUDENT_PRESETS['tiny'], 3)
+
+def _png_tree(root, n_train=8, n_val=4, size=32):
+    from PIL import Image
+    xs, ys = synthetic_images(n_train + n_val, size)
+    for n, (x, y) in enumerate(zip(xs, ys)):
+        f = root/('train' if n < n_train else 'val')/f'c{y}'/f'{n:02d}.png'; f.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(x.permute(1, 2, 0).numpy()).save(f)
+    return root
+
+def test_run_student_job_labels_and_shared_images(tmp_path):
+    "Pseudo-labels from a CSV; in-process `images` give the same student as decoding the files."
+    from dataclasses import replace
+    from kt_paper.clustering import save_pseudo_labels
+    from kt_paper.student import decode_images
+    root = _png_tree(tmp_path/'data')
+    tp, ytr, vp, yva, classes = read_student_data(root)
+    rel = lambda ps: [Path(p).relative_to(root).as_posix() for p in ps]
+    save_pseudo_labels(tmp_path/'tr.csv', rel(tp), (np.arange(8) % 3)); save_pseudo_labels(tmp_path/'va.csv', rel(vp), [0, 1, 2, 0])
+    args = dict(root=str(root), train_labels=str(tmp_path/'tr.csv'), val_labels=str(tmp_path/'va.csv'), preset='test', epochs=1, device='cpu')
+    a = run_student_job(str(tmp_path/'files'), **args)
+    cfg = STUDENT_PRESETS['test']
+    b = run_student_job(str(tmp_path/'mem'), images=(decode_images(tp, cfg.resize), decode_images(vp, cfg.resize)), **args)
+    assert a['n_classes'] == b['n_classes'] == 3 and a['train_images'] == 8 and a['processes'] == 1
+    wa, wb = load_alexnet(tmp_path/'files'/'final.pth').state_dict(), load_alexnet(tmp_path/'mem'/'final.pth').state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    again = run_student_job(str(tmp_path/'files'), **args)             # a finished student is reused as is
+    assert again['val_top1'] == a['val_top1'] and again['seconds'] == a['seconds']
+    save_pseudo_labels(tmp_path/'bad.csv', ['train/c0/xx.png'], [0])
+    with pytest.raises(KeyError, match='no pseudo-label'):
+        run_student_job(str(tmp_path/'bad'), **{**args, 'train_labels': str(tmp_path/'bad.csv')})
+
+@pytest.mark.skipif(not (SHARED/'imagenette2-mini').exists(), reason=f'real sample data not found at {SHARED}')
+@pytest.mark.parametrize('role', ['imagenet', 'places'])
+def test_small_preset_roles_on_real_samples(role, tmp_path):
+    "At `small`, objects = the ImageNet role (imagenette2-mini) and scenes = the Places role (miniplaces-mini)."
+    from kt_paper.data import DATA_PRESETS
+    from kt_paper.clustering import save_pseudo_labels
+    root = SHARED/getattr(DATA_PRESETS['small'], role)
+    tp, ytr, vp, yva, classes = read_student_data(root)
+    n_cls = dict(imagenet=10, places=100)[role]
+    assert (len(tp), len(vp), len(classes)) == (2000, 500, n_cls)
+    assert set(ytr.tolist()) == set(yva.tolist()) == set(range(n_cls))
+    assert all(Path(p).parent.name == classes[y] for p, y in zip(tp + vp, list(ytr) + list(yva)))
+    if role == 'imagenet':   # wnid folders of .JPEG files, some grayscale: decoded to 3 channels
+        assert classes[0] == 'n01440764' and tp[0].endswith('.JPEG')
+        assert decode_image(root/'train'/'n02102040'/'n02102040_1408.JPEG', 52).shape == (3, 52, 52)
+    else: assert 'classes.txt' not in classes and tp[0].endswith('.jpg')
+    # pseudo-labels keyed by paths relative to the role's folder, as the clustering stage writes them (shuffled rows)
+    rng = np.random.default_rng(0); pl = rng.integers(0, 7, len(tp)); order = rng.permutation(len(tp))
+    save_pseudo_labels(tmp_path/'pl.csv', [Path(tp[i]).relative_to(root).as_posix() for i in order], pl[order])
+    assert (read_student_data(root, str(tmp_path/'pl.csv'), yva.tolist())[1] == pl).all()
