@@ -24,11 +24,17 @@ def train(out:str, batch:int=16, epochs:int=2, seed:int=0, sharded_reference:boo
     learn = Learner(dls, net, loss_func=nn.CrossEntropyLoss(), opt_func=SGD, lr=0.1,
                     cbs=[DistributedCallback(seed=seed)] if world > 1 else [])
     if sharded_reference: learn.add_cb(_SetEpoch())
+    rec = _RecordEpochs(); learn.add_cb(rec)
     with learn.no_bar(), learn.no_logging(): learn.fit(epochs, lr=0.1)
     if is_main_process(): save_checkpoint(learn.model, out)
-    return dict(world=world)
+    return dict(world=world, sampler_epochs=rec.seen)
 
 from fastai.callback.core import Callback
 class _SetEpoch(Callback):
-    def before_epoch(self):
-        if self.training: self.learn.dls.loaders[0].sampler.set_epoch(self.epoch)
+    def before_train(self): self.learn.dls.loaders[0].sampler.set_epoch(self.epoch)
+
+class _RecordEpochs(Callback):
+    "Record the epoch of the training sampler during each training phase (each epoch must reshuffle)."
+    order = 0
+    def before_fit(self): self.seen = []
+    def after_train(self): self.seen.append(getattr(self.learn.dls.loaders[0].sampler, 'epoch', None))

@@ -11,7 +11,7 @@ def test_ddp_matches_single_process(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(TESTS)
     env = dict(PYTHONPATH=os.pathsep.join([TESTS, os.environ.get('PYTHONPATH', '')]), OMP_NUM_THREADS='1')
     r = launch('ddp_target:train', dict(out=str(tmp_path/'ddp.pth'), batch=16), nproc=2, env=env)
-    assert r == dict(world=2)
+    assert r == dict(world=2, sampler_epochs=[0, 1])   # the DistributedSampler reshuffles every epoch
     launch('ddp_target:train', dict(out=str(tmp_path/'one.pth'), batch=16, sharded_reference=True), nproc=1)
     ddp, _ = load_checkpoint(tmp_path/'ddp.pth'); one, _ = load_checkpoint(tmp_path/'one.pth')
     assert ddp.keys() == one.keys()     # unwrapped: no 'module.' prefix
