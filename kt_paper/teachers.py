@@ -19,7 +19,7 @@ from .core import (pick_preset, get_device, autocast_dtype, default_num_workers,
 __all__ = ['TEACHER_PRESETS', 'IMAGENET_MEAN', 'IMAGENET_STD', 'TeacherConfig', 'Teacher', 'hog_dim', 'HOGTeacher', 'hog_teacher',
            'pool_features', 'resize_crop', 'CNNTeacher', 'TrunkUpTo', 'jigsaw_teacher', 'random_teacher',
            'torchvision_teacher', 'train_supervised_teacher', 'supervised_teacher', 'manifest_path', 'load_features',
-           'extract_features']
+           'pin_mmap_threshold', 'extract_features']
 
 # %% ../nbs/02_teachers.ipynb #3d32fda4
 @dataclasses.dataclass(frozen=True)
@@ -291,6 +291,18 @@ def load_features(path) -> tuple[np.ndarray, dict]:
     if list(x.shape) != man['shape']: raise ValueError(f"{path}: shape {x.shape} does not match its manifest {man['shape']}")
     return x, man
 
+# %% ../nbs/02_teachers.ipynb #b7d2e941
+_M_MMAP_THRESHOLD = -3  # glibc's `mallopt` parameter number (malloc.h)
+
+def pin_mmap_threshold(nbytes:int=128*1024 # allocations at least this large get their own mapping (glibc's initial default)
+                      ) -> bool:
+    "Fix glibc's mmap threshold: big freed buffers go back to the OS instead of growing the heap; False without glibc."
+    import ctypes
+    try: mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError, TypeError): return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, nbytes))
+
 # %% ../nbs/02_teachers.ipynb #a46a820a
 def extract_features(teacher:Teacher,          # what computes the features
                      paths:Sequence,           # image files, in output-row order
@@ -325,6 +337,7 @@ def extract_features(teacher:Teacher,          # what computes the features
         np.lib.format.open_memmap(part, mode='w+', dtype=dtype, shape=(n, d)).flush()  # header + zero-filled rows
         save_json(dict(fingerprint=key, done=0), prog)
     with open(part, 'rb') as f: np.lib.format.read_magic(f); np.lib.format.read_array_header_1_0(f); offset = f.tell()
+    pin_mmap_threshold()  # before the workers fork: they inherit it
     nw = default_num_workers() if num_workers is None else num_workers
     dl = torch.utils.data.DataLoader(_Images(paths, teacher, loader or _open_rgb, start), batch_size, shuffle=False,
                                      num_workers=nw, pin_memory=get_device(device).type == 'cuda')

@@ -117,3 +117,26 @@ def test_supervised_teacher_trains(images):
     assert t.embed(x).shape == (1, 4 * 48) and torch.equal(t.embed(x), t.embed(x))
     fresh = T.random_teacher(CFG, seed=0, **SMALL)
     assert not torch.equal(t.embed(x), fresh.embed(x))
+
+def _mallinfo2():
+    import ctypes
+    class MI2(ctypes.Structure): _fields_ = [(k, ctypes.c_size_t) for k in 'arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost'.split()]
+    f = ctypes.CDLL(None).mallinfo2; f.restype = MI2
+    return f()
+
+@pytest.mark.skipif(__import__('platform').libc_ver()[0] != 'glibc', reason='glibc only')
+def test_pin_mmap_threshold_unmaps_big_buffers():
+    assert T.pin_mmap_threshold()
+    big = np.ones(16 << 20, np.uint8); del big  # unpinned, freeing this raises glibc's threshold to 16 MB
+    before = _mallinfo2().hblkhd
+    x = np.ones(4 << 20, np.uint8)               # pinned: its own mapping (unmapped on free), not heap
+    assert _mallinfo2().hblkhd - before >= x.nbytes
+
+def test_extraction_pins_threshold_same_output(images, tmp_path, monkeypatch):
+    root, paths = images; calls = []; pin = T.pin_mmap_threshold
+    monkeypatch.setattr(T, 'pin_mmap_threshold', lambda: False)
+    ref = np.load(T.extract_features(T.random_teacher(CFG, seed=0, **SMALL), paths, tmp_path/'u.npy', batch_size=4, num_workers=2))
+    monkeypatch.setattr(T, 'pin_mmap_threshold', lambda: calls.append(1) or pin())
+    f = T.extract_features(T.random_teacher(CFG, seed=0, **SMALL), paths, tmp_path/'p.npy', batch_size=4, num_workers=2)
+    assert calls == [1]
+    np.testing.assert_array_equal(np.load(f), ref)
