@@ -53,3 +53,16 @@ def test_pipeline_end_to_end_test_preset(tmp_path, monkeypatch):
     assert man['preset'] == 'test' and man['environment']['torch']
     m2 = reproduce('test', out=tmp_path/'run', fig_dir=tmp_path/'fig')
     assert all(v['cached'] for v in m2['stages'].values())
+
+
+def test_papermill_reads_every_stage_parameter():
+    "papermill's own parser sees every knob of each stage's `parameters` cell (else the driver's values are 'unknown')."
+    import nbformat, logging
+    from papermill.translators import PythonTranslator
+    from kt_paper.reproduce import notebook_parameters
+    for st in find_stages():
+        nb = nbformat.read(st.notebook, as_version=4)
+        cell = next(c for c in nb.cells if 'parameters' in c.metadata.get('tags', []))
+        seen = {p.name for p in PythonTranslator.inspect(cell)}
+        assert seen == notebook_parameters(st.notebook), f"{st.notebook.name}: papermill reads {sorted(seen)}"
+        assert {'PRESET', 'DATA_ROOT', 'OUT_DIR', 'SEED', 'DEVICE'} <= seen, st.notebook.name
