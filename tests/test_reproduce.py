@@ -57,7 +57,7 @@ def test_pipeline_end_to_end_test_preset(tmp_path, monkeypatch):
 
 def test_papermill_reads_every_stage_parameter():
     "papermill's own parser sees every knob of each stage's `parameters` cell (else the driver's values are 'unknown')."
-    import nbformat, logging
+    import nbformat
     from papermill.translators import PythonTranslator
     from kt_paper.reproduce import notebook_parameters
     for st in find_stages():
