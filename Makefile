@@ -6,6 +6,10 @@ BIN     := $(VENV)/bin
 PRESET  ?= tiny
 ARGS    ?=
 NB_WORKERS ?= 2
+# The tests check one program on every CPU: fp32 unless asked (`make test KT_PAPER_PRECISION=bf16`); the bf16 paths have
+# their own tests. `KT_PAPER_HIDE_BF16=1` makes a CPU with bf16 units look like one without.
+KT_PAPER_PRECISION ?= fp32
+export KT_PAPER_PRECISION
 
 .PHONY: install reproduce test readme check-readme gates nbtest pytest bench clean-runs
 

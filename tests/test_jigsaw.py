@@ -6,6 +6,8 @@ from PIL import Image
 warnings.filterwarnings('ignore', category=FutureWarning)
 from kt_paper.jigsaw import *
 from kt_paper.jigsaw import _colour_normalise
+from kt_paper.train import checkpoint_state
+from kt_paper.core import load_json
 
 PAPER, TINY, TEST = (JIGSAW_PRESETS[k] for k in ('paper', 'tiny', 'test'))
 
@@ -198,21 +200,33 @@ def test_one_batch_training_step_and_resume(tmp_path):
     net = cfn_from_config(c)
     before = [p.detach().clone() for p in net.parameters()]
     learn = jigsaw_learner(dls, net, c, path=tmp_path, device='cpu')
-    train_jigsaw(learn, c, ckpt_dir=tmp_path/'ck')
+    train_jigsaw(learn, c, tmp_path/'ck', fingerprint='a')
     assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
     loss, acc = learn.validate()
     assert np.isfinite(loss) and 0 <= acc <= 1
-    f, start = last_checkpoint(tmp_path/'ck')
-    assert f is not None and start == 1
-    assert (tmp_path/'history.csv').exists()
+    assert checkpoint_state(tmp_path/'ck')['epoch'] == 1 and (tmp_path/'ck'/'last.pth').exists()
+    assert (tmp_path/'ck'/'history.csv').exists()
     # resuming a finished run does no more work and keeps the weights
     after = [p.detach().clone() for p in net.parameters()]
     learn2 = jigsaw_learner(dls, cfn_from_config(c), c, path=tmp_path, device='cpu')
-    train_jigsaw(learn2, c, ckpt_dir=tmp_path/'ck')
+    assert train_jigsaw(learn2, c, tmp_path/'ck', fingerprint='a') == 1
     assert all(torch.equal(a, b) for a, b in zip(after, learn2.model.parameters()))
     learn3 = jigsaw_learner(dls, cfn_from_config(c), c, path=tmp_path, device='cpu')
-    train_jigsaw(learn3, dataclasses.replace(c, iterations=4), ckpt_dir=tmp_path/'ck')
-    assert last_checkpoint(tmp_path/'ck')[1] == 2
+    assert train_jigsaw(learn3, dataclasses.replace(c, iterations=4), tmp_path/'ck', fingerprint='a') == 1   # resumed
+    assert checkpoint_state(tmp_path/'ck')['epoch'] == 2
+    learn4 = jigsaw_learner(dls, cfn_from_config(c), c, path=tmp_path, device='cpu')
+    assert train_jigsaw(learn4, c, tmp_path/'ck', fingerprint='b') == 0    # made from other inputs: not resumed
+    assert checkpoint_state(tmp_path/'ck') == dict(epoch=1, n_epoch=1, fingerprint='b')
+
+def test_pretext_stage_retrains_on_other_inputs(tmp_path, monkeypatch):
+    "run_pretext in the same run folder with another configuration retrains; with the same one it resumes (finished)."
+    monkeypatch.setenv('IN_TEST', '1')
+    a = run_pretext(str(tmp_path), 'test', seed=0, device='cpu')
+    b = run_pretext(str(tmp_path), 'test', seed=0, device='cpu')
+    c = run_pretext(str(tmp_path), 'test', seed=0, device='cpu', max_occluders=0)
+    assert a['resumed_from_epoch'] == 0 and b['resumed_from_epoch'] >= 1 and b['steps_this_run'] == 0
+    assert c['resumed_from_epoch'] == 0 and c['steps_this_run'] > 0 and c['fingerprint'] != a['fingerprint']
+    assert load_json(tmp_path/'jigsaw'/'metrics.json')['max_occluders'] == 0
 
 def test_device_puzzles_callback_trains(tmp_path):
     "The batched path: crops from `CropDataset`, puzzles built per batch by `DevicePuzzles` (here on the CPU)."
@@ -233,7 +247,7 @@ def test_device_puzzles_callback_trains(tmp_path):
         assert shape == (4, 9, 3, TEST.tile, TEST.tile) and dtype == torch.float32 and ymax < len(perms)
 
 def test_step_schedule():
-    f = step_lr(0.01, 100_000, 0.1, 350_000)                  # the paper's schedule, as a function of progress
+    f = jigsaw_schedule(JigsawConfig(), 350_000)["lr"]           # the paper's schedule, as a function of progress
     assert f(0) == 0.01 and f(99_999/350_000) == 0.01
     assert abs(f(100_000/350_000) - 1e-3) < 1e-12 and abs(f(0.99) - 1e-5) < 1e-12
 

@@ -5,11 +5,12 @@ from pathlib import Path
 import numpy as np, pytest, torch
 from torch import nn
 from fastai.callback.core import Callback, CancelFitException
-from kt_paper.core import seed_everything
+from kt_paper.core import seed_everything, load_json
+from kt_paper.train import fit, step_lr, process_batch_size
 from kt_paper.student import (STUDENT_PRESETS, CONV_LAYERS, build_alexnet, activation_shapes, save_alexnet, load_alexnet,
                               alexnet_from_cfn, balanced_sampler, synthetic_images, train_student, ImageTensorDataset,
-                              make_student_dls, student_learner, fit_student, evaluate_top1, step_lr,
-                              process_batch_size, read_student_data, run_student_job, decode_image)
+                              make_student_dls, student_learner, evaluate_top1,
+                              read_student_data, run_student_job, decode_image)
 
 SHARED = Path(os.environ.get('KT_PAPER_SHARED_DATA', Path(__file__).resolve().parents[1].parent/'shared'/'data'))
 
@@ -84,11 +85,11 @@ def test_cc_learns_two_separable_pseudo_classes():
     xi, yi, xv, yv = _toy(size=cfg.resize)
     seed_everything(0)
     dls = make_student_dls(ImageTensorDataset(xi, yi, cfg.crop, True), ImageTensorDataset(xv, yv, cfg.crop, False), cfg.bs, num_workers=0)
-    learn = fit_student(student_learner(build_alexnet(2, **cfg.alexnet_args()), dls, cfg), 3)
+    learn = student_learner(build_alexnet(2, **cfg.alexnet_args()), dls, cfg); fit(learn, 3)
     assert evaluate_top1(learn.model, dls.valid) > 0.9
 
 class _StopAfterFirstEpoch(Callback):
-    order = 100  # after EpochCheckpoint
+    order = 100  # after the epoch's checkpoint
     def after_epoch(self):
         if self.epoch == 0: raise CancelFitException
 
@@ -107,8 +108,8 @@ def test_resume_gives_same_weights(tmp_path):
     assert full['val_top1'] == resumed['val_top1']
 
 def test_process_batch_size():
-    assert process_batch_size(STUDENT_PRESETS['paper'], 8) == 32 and process_batch_size(STUDENT_PRESETS['tiny'], 1) == 64
-    with pytest.raises(ValueError, match='does not split'): process_batch_size(STUDENT_PRESETS['tiny'], 3)
+    assert process_batch_size(STUDENT_PRESETS['paper'].bs, 8) == 32 and process_batch_size(STUDENT_PRESETS['tiny'].bs, 1) == 64
+    with pytest.raises(ValueError, match='does not split'): process_batch_size(STUDENT_PRESETS['tiny'].bs, 3)
 
 def _png_tree(root, n_train=8, n_val=4, size=32):
     from PIL import Image
@@ -160,3 +161,49 @@ def test_small_preset_roles_on_real_samples(role, tmp_path):
     rng = np.random.default_rng(0); pl = rng.integers(0, 7, len(tp)); order = rng.permutation(len(tp))
     save_pseudo_labels(tmp_path/'pl.csv', [Path(tp[i]).relative_to(root).as_posix() for i in order], pl[order])
     assert (read_student_data(root, str(tmp_path/'pl.csv'), yva.tolist())[1] == pl).all()
+
+def test_reclustering_retrains_the_student(tmp_path):
+    "Another k in the same run folder: the student is retrained on the new pseudo-labels, not reused (fingerprint)."
+    from kt_paper.clustering import save_pseudo_labels
+    root = _png_tree(tmp_path/'data')
+    tp, _, vp, _, _ = read_student_data(root)
+    rel = lambda ps: [Path(p).relative_to(root).as_posix() for p in ps]
+    out = tmp_path/'student'
+    runs = {}
+    for k in (2, 3):
+        save_pseudo_labels(tmp_path/f'tr{k}.csv', rel(tp), np.arange(8) % k); save_pseudo_labels(tmp_path/f'va{k}.csv', rel(vp), np.arange(4) % k)
+        runs[k] = run_student_job(str(out), str(root), str(tmp_path/f'tr{k}.csv'), str(tmp_path/f'va{k}.csv'), preset='test', epochs=1, device='cpu')
+    assert runs[2]['n_classes'] == 2 and runs[3]['n_classes'] == 3 and runs[2]['fingerprint'] != runs[3]['fingerprint']
+    assert load_alexnet(out/'final.pth').classifier.fc8.out_features == 3
+    assert load_json(out/'metrics.json')['fingerprint'] == runs[3]['fingerprint']
+    mtime = (out/'final.pth').stat().st_mtime_ns
+    again = run_student_job(str(out), str(root), str(tmp_path/'tr3.csv'), str(tmp_path/'va3.csv'), preset='test', epochs=1, device='cpu')
+    assert again == load_json(out/'metrics.json') and (out/'final.pth').stat().st_mtime_ns == mtime   # same inputs: reused
+
+def test_cfn_models_see_inputs_at_their_training_scale():
+    "A CFN trained on tiles x tile_scale=50 sees inputs of that scale when probed (linear probes) or fine-tuned (VOC)."
+    from kt_paper.jigsaw import build_cfn, JIGSAW_PRESETS, cfn_from_config
+    from kt_paper.images import imagenet_normalize
+    from kt_paper.probes import LinearProbes
+    from kt_paper.transfer import conv_trunk
+    from kt_paper.teachers import jigsaw_teacher, TEACHER_PRESETS
+    import dataclasses
+    cfg = dataclasses.replace(JIGSAW_PRESETS['test'], tile_scale=50.)                 # the paper preset's factor
+    cfn = cfn_from_config(cfg)
+    assert cfn.build_args['input_scale'] == 50
+    net = alexnet_from_cfn(cfn, 3, input_size=48).eval()
+    seen = []
+    hook = lambda m, i, o: seen.append(i[0].std().item())
+    x = imagenet_normalize(torch.randint(0, 256, (4, 3, 48, 48), dtype=torch.uint8))   # what every consumer feeds
+    for model in (LinearProbes(net, 3, input_size=48).trunk, conv_trunk(net)):
+        conv1 = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+        h = conv1.register_forward_hook(hook)
+        with torch.no_grad(): model(x)
+        h.remove()
+    assert len(seen) == 2 and all(abs(s - 50) < 1 for s in seen), seen                   # not ~1 (ImageNet-normalised)
+    assert load_alexnet_roundtrip(net).args['input_scale'] == 50
+    assert jigsaw_teacher(cfn, TEACHER_PRESETS['test']).scale == 50                     # the teacher too, by default
+
+def load_alexnet_roundtrip(net):
+    import tempfile
+    with tempfile.TemporaryDirectory() as d: save_alexnet(net, Path(d)/'a.pth'); return load_alexnet(Path(d)/'a.pth')

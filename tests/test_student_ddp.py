@@ -35,10 +35,12 @@ def symmetric_tree(root:Path, n_train:int=64, n_val:int=16) -> Path:
         Image.fromarray(x.permute(1, 2, 0).numpy()).save(f)
     return root
 
+PRECISION = dict(exact='fp32', exact_bf16='bf16', bn='fp32', preset=None)   # None: the suite's (fp32, conftest)
+
 def ddp_students(root:str, out:str) -> dict:
-    "Run under torchrun by the test: the three students of this file."
-    return {name: run_student_job(f'{out}/{name}', root, preset='test', seed=0, device='cpu', **over)
-            for name, over in (('exact', EXACT), ('bn', BN), ('preset', {}))}
+    "Run under torchrun by the test: the students of this file."
+    return {name: run_student_job(f'{out}/{name}', root, preset='test', seed=0, device='cpu', precision=PRECISION[name], **over)
+            for name, over in (('exact', EXACT), ('exact_bf16', EXACT), ('bn', BN), ('preset', {}))}
 
 class OneShardOrder(Callback):
     "One process drawing `DistributedSampler`'s epoch order (what the two ranks see together)."
@@ -46,12 +48,12 @@ class OneShardOrder(Callback):
     def before_fit(self): self.learn.dls.loaders[0] = shard_dataloader(self.dls.loaders[0], 0, 1, seed=0)
     def before_train(self): self.dls.loaders[0].sampler.set_epoch(self.epoch)
 
-def one_process(root:Path, out:Path, over:dict) -> dict:
+def one_process(root:Path, out:Path, over:dict, precision:str='fp32') -> dict:
     "The reference: the same student in this process, with the DDP run's sample order."
     over = {**over, 'lr_milestones': tuple(over['lr_milestones'])}
     tp, ytr, vp, yva, classes = read_student_data(root)
     return train_student(tp, ytr, vp, yva, pick_preset(STUDENT_PRESETS, 'test', **over), out, n_classes=len(classes),
-                         seed=0, num_workers=0, cbs=[OneShardOrder()])
+                         seed=0, num_workers=0, cbs=[OneShardOrder()], precision=precision)
 
 @pytest.fixture(scope='module')
 def ddp_run(tmp_path_factory):
@@ -84,13 +86,35 @@ def _init(over:dict) -> dict:
     return build_alexnet(2, **pick_preset(STUDENT_PRESETS, 'test', **{**over, 'lr_milestones': (1,)}).alexnet_args()).state_dict()
 
 def test_ddp_matches_one_process(ddp_run, tmp_path):
-    "Same global batch (2 x 8 vs 16), 2 epochs = 8 SGD steps: measured max |w_2proc - w_1proc| = 3e-8, training moved weights by 1.4e-2."
+    "fp32, same global batch (2 x 8 vs 16), 2 epochs = 8 SGD steps: measured max |w_2proc - w_1proc| = 3e-8, training moved weights by 1.4e-2."
     tmp, root, res = ddp_run
-    ref = one_process(root, tmp_path/'exact', EXACT)
-    assert ref['processes'] == 1 and ref['val_top1'] == res['exact']['val_top1']
+    ref = one_process(root, tmp_path/'exact', EXACT, 'fp32')
+    assert ref['processes'] == 1 and ref['precision'] == res['exact']['precision'] == 'fp32'
+    assert ref['val_top1'] == res['exact']['val_top1']
     ddp, one = _weights('exact', tmp/'ddp', tmp_path)
     for k in one: torch.testing.assert_close(ddp[k], one[k], atol=1e-6, rtol=1e-5, msg=lambda m: f'{k}: {m}')
     assert _max_abs(one, _init(EXACT)) > 1e-3   # a comparison of trained networks, not of two initialisations
+
+BF16_ATOL = 5e-4   # bf16 autocast: each process rounds its own half batch; see the docstring
+
+def test_ddp_matches_one_process_bf16(ddp_run, tmp_path):
+    """bf16 autocast + channels-last (forced, whatever this CPU): the same 8 steps agree to `BF16_ATOL`. bf16 keeps 8 bits
+    of mantissa, so two half batches are not rounded as one batch: measured on a CPU with bf16 units, max
+    |w_2proc - w_1proc| = 1.2e-4 (fp32: 3e-8) against 1.4e-2 that training moved the weights; in L2 over all weights
+    0.0027, less than the 0.0085 between one process's bf16 and fp32 runs. (Wrapping in DDP before the channels-last
+    conversion gave 0.047: the bug this guards.)"""
+    tmp, root, res = ddp_run
+    ref = one_process(root, tmp_path/'exact_bf16', EXACT, 'bf16')
+    assert ref['precision'] == res['exact_bf16']['precision'] == 'bf16' and ref['channels_last']
+    ddp, one = _weights('exact_bf16', tmp/'ddp', tmp_path)
+    for k in one: torch.testing.assert_close(ddp[k], one[k], atol=BF16_ATOL, rtol=0, msg=lambda m: f'{k}: {m}')
+    assert _max_abs(one, _init(EXACT)) > 20*BF16_ATOL                           # training moved the weights far more
+    one32 = _weights('exact', tmp/'ddp')[0]                                     # fp32 (equal to one process's, above)
+    assert _dist(one, one32) > 1e-6                                             # bf16 really ran (not fp32)
+    assert _dist(ddp, one) < _dist(one, one32)                                  # DDP adds less than bf16 rounding itself
+
+def _dist(a:dict, b:dict) -> float:
+    return sum(((a[k].float() - b[k].float())**2).sum().item() for k in a if a[k].is_floating_point())**0.5
 
 def test_ddp_with_bn_trains_like_one_process(ddp_run, tmp_path):
     """With BN each process normalises its own 8 images instead of 16: not the same computation. Measured here, the

@@ -1,0 +1,115 @@
+"""Benchmark: training throughput of every kt_paper trainer against a bare PyTorch loop of the same model and batch.
+
+For each trainer the same network is trained for a few steps on the same in-memory data two ways, in this process:
+- **kt_paper**: the library's own path (its `Learner`, callbacks and `kt_paper.train.fit`, precision `auto`);
+- **bare**: `for x, y in batches: opt.zero_grad(); loss(model(x), y).backward(); opt.step()` in fp32, in bf16 autocast,
+  and in bf16 autocast with channels-last; the fastest of the three is the reference ("best bare").
+Data are pre-decoded uint8 images (student, probes) or pre-built puzzles (pretext), so what is compared is the training
+loop, its precision and its per-batch work (crops, flips, normalisation on the kt_paper side are part of its cost).
+The last line is `train_ratio_min: X`, the smallest kt_paper / best-bare ratio.
+
+Usage: python bench/train.py [--preset small] [--steps 12] [--warmup 3]
+"""
+import argparse, contextlib, copy, platform, time
+import numpy as np, torch
+from torch import nn
+
+def cpu_name():
+    try: return next(l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name'))
+    except (OSError, StopIteration): return platform.processor()
+
+def bare(model, batches, lr, precision, channels_last, loss=nn.CrossEntropyLoss(), warmup=3):
+    "img/s of a plain SGD loop over `batches` [(x, y)] (the first `warmup` untimed)."
+    m = copy.deepcopy(model).train()
+    if channels_last: m = m.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=lr, momentum=0.9)
+    ac = torch.autocast('cpu', dtype=torch.bfloat16) if precision == 'bf16' else contextlib.nullcontext()
+    n = 0
+    for i, (x, y) in enumerate(batches):
+        if i == warmup: t0, n = time.perf_counter(), 0
+        if channels_last and x.ndim == 4: x = x.contiguous(memory_format=torch.channels_last)
+        opt.zero_grad()
+        with ac: l = loss(m(x), y)
+        l.backward(); opt.step(); n += len(y)
+    return n / (time.perf_counter() - t0)
+
+class Timer:
+    "A fastai callback timing training batches after `warmup`."
+    def __new__(cls, warmup):
+        from fastai.callback.core import Callback
+        class _T(Callback):
+            order = 100
+            def before_fit(self): self.i, self.n, self.t0 = 0, 0, None
+            def after_batch(self):
+                if not self.training: return
+                self.i += 1
+                if self.i == warmup: self.t0, self.n = time.perf_counter(), 0
+                elif self.t0 is not None: self.n += len(self.yb[0])
+            def after_fit(self): self.rate = self.n / (time.perf_counter() - self.t0) if self.t0 else float('nan')
+        return _T()
+
+def norm_batches(x_u8, y, bs, crop):
+    from kt_paper.images import imagenet_normalize
+    o = (x_u8.shape[-1] - crop)//2
+    xs = imagenet_normalize(x_u8[..., o:o+crop, o:o+crop])
+    return [(xs[i:i+bs], y[i:i+bs]) for i in range(0, len(y) - bs + 1, bs)]
+
+def student_case(preset, steps, warmup):
+    from kt_paper.student import STUDENT_PRESETS, build_alexnet, ImageTensorDataset, make_student_dls, student_learner
+    from kt_paper.train import fit
+    cfg = STUDENT_PRESETS[preset]; n = cfg.bs*(steps + warmup)
+    x = torch.randint(0, 256, (n, 3, cfg.resize, cfg.resize), dtype=torch.uint8); y = torch.randint(0, 100, (n,))
+    model = build_alexnet(100, **cfg.alexnet_args())
+    def kt():
+        dls = make_student_dls(ImageTensorDataset(x, y.numpy(), cfg.crop, True), ImageTensorDataset(x[:cfg.bs], y[:cfg.bs].numpy(), cfg.crop, False), cfg.bs, num_workers=0)
+        t = Timer(warmup); learn = student_learner(copy.deepcopy(model), dls, cfg, cbs=[t])
+        fit(learn, 1, quiet=True); return t.rate, learn.precision_used
+    return 'student (CC AlexNet)', kt, model, norm_batches(x, y, cfg.bs, cfg.crop), cfg.lr, nn.CrossEntropyLoss()
+
+def pretext_case(preset, steps, warmup):
+    from fastai.data.core import DataLoaders
+    from kt_paper.jigsaw import JIGSAW_PRESETS, cfn_from_config, jigsaw_learner
+    from kt_paper.train import fit
+    cfg = JIGSAW_PRESETS[preset]; n = cfg.bs*(steps + warmup)
+    x = torch.randn(n, cfg.n_tiles, 3, cfg.tile, cfg.tile); y = torch.randint(0, cfg.n_perms, (n,))
+    model = cfn_from_config(cfg)
+    def kt():
+        ds = torch.utils.data.TensorDataset(x, y)
+        dls = DataLoaders(torch.utils.data.DataLoader(ds, cfg.bs, shuffle=True, drop_last=True), torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:cfg.bs], y[:cfg.bs]), cfg.bs))
+        t = Timer(warmup); learn = jigsaw_learner(dls, copy.deepcopy(model), cfg, path='/tmp/kt_bench_train', device='cpu')
+        fit(learn, 1, quiet=True, cbs=[t], lr=cfg.lr); return t.rate, learn.precision_used
+    return 'pretext (Jigsaw++ CFN)', kt, model, [(x[i:i+cfg.bs], y[i:i+cfg.bs]) for i in range(0, n, cfg.bs)], cfg.lr, nn.CrossEntropyLoss()
+
+def probe_case(preset, steps, warmup):
+    from kt_paper.probes import PROBE_PRESETS, LinearProbes, linear_probe_learner, multi_head_loss, probe_dls
+    from kt_paper.student import STUDENT_PRESETS, build_alexnet
+    from kt_paper.train import fit
+    cfg = PROBE_PRESETS[preset]; n = cfg.bs*(steps + warmup)
+    x = torch.randint(0, 256, (n, 3, cfg.resize, cfg.resize), dtype=torch.uint8); y = torch.randint(0, 10, (n,))
+    net = build_alexnet(100, **{**STUDENT_PRESETS[preset].alexnet_args(), 'input_size': cfg.crop})
+    model = LinearProbes(net, 10, input_size=cfg.crop)
+    def kt():
+        dls = probe_dls((x, y.numpy()), (x[:cfg.bs], y[:cfg.bs].numpy()), cfg, num_workers=0)
+        t = Timer(warmup); learn = linear_probe_learner(copy.deepcopy(model), dls, cfg); learn.add_cb(t)
+        fit(learn, 1, quiet=True); return t.rate, learn.precision_used
+    return 'linear probes (conv1-5)', kt, model, norm_batches(x, y, cfg.bs, cfg.crop), cfg.lin_lr, multi_head_loss
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument('--preset', default='small'); ap.add_argument('--steps', type=int, default=12); ap.add_argument('--warmup', type=int, default=3)
+    a = ap.parse_args()
+    from kt_paper.core import cpu_has_bf16
+    torch.manual_seed(0)
+    print(f"machine: {cpu_name()}, {torch.get_num_threads()} threads, bf16 units: {cpu_has_bf16()}, torch {torch.__version__}, preset {a.preset}")
+    ratios = []
+    for case in (student_case, pretext_case, probe_case):
+        name, kt, model, batches, lr, loss = case(a.preset, a.steps, a.warmup)
+        refs = {f'{p}{"+cl" if cl else ""}': bare(model, batches, lr, p, cl, loss, a.warmup)
+                for p, cl in (('fp32', False), ('bf16', False), ('bf16', True))}
+        rate, prec = kt()
+        best = max(refs, key=refs.get); r = rate / refs[best]; ratios.append(r)
+        print(f"{name:26s} kt_paper {rate:8.1f} img/s ({prec.name}{'+cl' if prec.channels_last else ''})  bare: " +
+              ', '.join(f'{k} {v:.1f}' for k, v in refs.items()) + f"  ratio vs best bare ({best}): {r:.2f}")
+    print(f"train_ratio_min: {min(ratios):.2f}")
+
+if __name__ == '__main__': main()
