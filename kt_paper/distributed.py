@@ -4,10 +4,11 @@
 
 # %% ../nbs/00b_distributed.ipynb #6754e85c
 from __future__ import annotations
-import importlib, json, os, subprocess, sys, tempfile
+import gc, importlib, json, os, subprocess, sys, tempfile, warnings, weakref
 from pathlib import Path
 import torch
 import torch.distributed as dist
+if dist.is_available(): import torch.distributed.nn  # before any process group: see "Tearing down" below
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 from fastai.callback.core import Callback
@@ -91,13 +92,25 @@ def launch(target:str,       # 'module:function' of the training function
         if r.returncode: raise RuntimeError(f"torchrun of {target} with {nproc} processes failed (exit {r.returncode}):\n{r.stderr[-4000:]}")
         return load_json(res) if res.exists() else None
 
+def _teardown() -> bool:
+    "Destroy the process group; True when it (and, for gloo, its worker threads) is really gone."
+    if not dist.is_initialized(): return True
+    ref = weakref.ref(dist.group.WORLD)
+    dist.destroy_process_group()
+    gc.collect()   # a group held only by garbage cycles goes now, while the interpreter is fully alive
+    return ref() is None
+
 def _worker(job_path:str):
     job = load_json(job_path)
     init_distributed(job.get('backend'))
     try:
         out = _resolve(job['target'])(**job['kwargs'])
         if is_main_process(): save_json(out, job['result'])
-    finally:
-        if dist.is_initialized(): dist.destroy_process_group()
+    except BaseException:
+        _teardown()   # the traceback may still hold a DDP wrapper, hence the group: no check
+        raise
+    if not _teardown():
+        warnings.warn("the process group outlived destroy_process_group(): its gloo worker threads can abort this "
+                      "process at exit ('terminate called without an active exception')")
 
 if __name__ == '__main__' and os.environ.get('KT_PAPER_DDP_JOB'): _worker(os.environ['KT_PAPER_DDP_JOB'])

@@ -38,3 +38,14 @@ class _RecordEpochs(Callback):
     order = 0
     def before_fit(self): self.seen = []
     def after_train(self): self.seen.append(getattr(self.learn.dls.loaders[0].sampler, 'epoch', None))
+
+def teardown_probe(out:str) -> dict:
+    """Train as `train` does (DDP, and fastai's `dist.all_gather` of every validation batch), tear the process group
+    down as the torchrun worker does, and report what is left of it."""
+    from pathlib import Path
+    from kt_paper.distributed import _teardown
+    res = train(out)
+    released = _teardown()
+    tasks = Path('/proc/self/task')   # Linux: one entry per thread, named by its `comm`
+    threads = [(t/'comm').read_text().strip() for t in tasks.iterdir()] if tasks.is_dir() else []
+    return dict(res, released=released, gloo_threads=sorted(t for t in threads if 'gloo' in t))

@@ -21,6 +21,17 @@ def test_ddp_matches_single_process(tmp_path, monkeypatch):
     zero, _ = load_checkpoint(tmp_path/'zero.pth')
     assert not torch.allclose(zero['3.weight'], one['3.weight'])
 
+def test_teardown_leaves_no_gloo_thread(tmp_path, monkeypatch):
+    """After DDP training and the worker's teardown, the process group and its gloo threads are gone. A group kept alive
+    (DDP imports `torch.distributed.nn.functional`, whose defaults bind `group.WORLD`) kept them running into interpreter
+    shutdown, where a thread still releasing a finished all_gather's tensors needs the GIL: Python ends it inside a
+    `noexcept` destructor and the process aborts ('terminate called without an active exception', rank 1, exit -6)."""
+    monkeypatch.syspath_prepend(TESTS)
+    env = dict(PYTHONPATH=os.pathsep.join([TESTS, os.environ.get('PYTHONPATH', '')]), OMP_NUM_THREADS='1')
+    r = launch('ddp_target:teardown_probe', dict(out=str(tmp_path/'ddp.pth')), nproc=2, env=env)
+    assert r['world'] == 2 and r['released'], r
+    assert r['gloo_threads'] == [], r   # the threads were joined before the interpreter shuts down
+
 def test_failed_worker_reports(tmp_path):
     import pytest
     with pytest.raises(RuntimeError, match='failed'):
