@@ -2,8 +2,9 @@
 
 For each trainer the same network is trained for a few steps on the same in-memory data two ways, in this process:
 - **kt_paper**: the library's own path (its `Learner`, callbacks and `kt_paper.train.fit`, precision `auto`);
-- **bare**: `for x, y in batches: opt.zero_grad(); loss(model(x), y).backward(); opt.step()` in fp32, in bf16 autocast,
-  and in bf16 autocast with channels-last; the fastest of the three is the reference ("best bare").
+- **bare**: `for x, y in batches: opt.zero_grad(); loss(model(x), y).backward(); opt.step()` with the torch optimiser
+  of the same update (SGD + momentum + L2, or AdamW for fastai's decoupled Adam), in fp32, in bf16 autocast, and in
+  bf16 autocast with channels-last; the fastest of the three is the reference ("best bare").
 Data are pre-decoded uint8 images (student, probes) or pre-built puzzles (pretext), so what is compared is the training
 loop, its precision and its per-batch work (crops, flips, normalisation on the kt_paper side are part of its cost).
 Each measurement is repeated `--rounds` times, interleaved (kt_paper, then each bare variant, then again), and the best
@@ -20,11 +21,11 @@ def cpu_name():
     try: return next(l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name'))
     except (OSError, StopIteration): return platform.processor()
 
-def bare(model, batches, lr, precision, channels_last, loss=nn.CrossEntropyLoss(), warmup=3):
-    "img/s of a plain SGD loop over `batches` [(x, y)] (the first `warmup` untimed)."
+def bare(model, batches, opt, precision, channels_last, loss=nn.CrossEntropyLoss(), warmup=3):
+    "img/s of a plain loop over `batches` [(x, y)] (the first `warmup` untimed) with torch optimiser `opt(params)`."
     m = copy.deepcopy(model).train()
     if channels_last: m = m.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=lr, momentum=0.9)
+    opt = opt([p for p in m.parameters() if p.requires_grad])
     ac = torch.autocast('cpu', dtype=torch.bfloat16) if precision == 'bf16' else contextlib.nullcontext()
     n = 0
     for i, (x, y) in enumerate(batches):
@@ -36,7 +37,7 @@ def bare(model, batches, lr, precision, channels_last, loss=nn.CrossEntropyLoss(
     return n / (time.perf_counter() - t0)
 
 class Timer:
-    "A fastai callback timing training batches after `warmup`."
+    "A fastai callback timing the training batches after `warmup` (up to validation)."
     def __new__(cls, warmup):
         from fastai.callback.core import Callback
         class _T(Callback):
@@ -47,7 +48,7 @@ class Timer:
                 self.i += 1
                 if self.i == warmup: self.t0, self.n = time.perf_counter(), 0
                 elif self.t0 is not None: self.n += len(self.yb[0])
-            def after_fit(self): self.rate = self.n / (time.perf_counter() - self.t0) if self.t0 else float('nan')
+            def before_validate(self): self.rate = self.n / (time.perf_counter() - self.t0) if self.t0 else float('nan')
         return _T()
 
 def norm_batches(x_u8, y, bs, crop):
@@ -66,7 +67,8 @@ def student_case(preset, steps, warmup):
         dls = make_student_dls(ImageTensorDataset(x, y.numpy(), cfg.crop, True), ImageTensorDataset(x[:cfg.bs], y[:cfg.bs].numpy(), cfg.crop, False), cfg.bs, num_workers=0)
         t = Timer(warmup); learn = student_learner(copy.deepcopy(model), dls, cfg, cbs=[t])
         fit(learn, 1, quiet=True); return t.rate, learn.precision_used
-    return 'student (CC AlexNet)', kt, model, norm_batches(x, y, cfg.bs, cfg.crop), cfg.lr, nn.CrossEntropyLoss()
+    opt = lambda ps: torch.optim.SGD(ps, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd)   # the student's: coupled wd
+    return 'student (CC AlexNet)', kt, model, norm_batches(x, y, cfg.bs, cfg.crop), opt, nn.CrossEntropyLoss()
 
 def pretext_case(preset, steps, warmup):
     from fastai.data.core import DataLoaders
@@ -80,7 +82,9 @@ def pretext_case(preset, steps, warmup):
         dls = DataLoaders(torch.utils.data.DataLoader(ds, cfg.bs, shuffle=True, drop_last=True), torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:cfg.bs], y[:cfg.bs]), cfg.bs))
         t = Timer(warmup); learn = jigsaw_learner(dls, copy.deepcopy(model), cfg, path='/tmp/kt_bench_train', device='cpu')
         fit(learn, 1, quiet=True, cbs=[t], lr=cfg.lr); return t.rate, learn.precision_used
-    return 'pretext (Jigsaw++ CFN)', kt, model, [(x[i:i+cfg.bs], y[i:i+cfg.bs]) for i in range(0, n, cfg.bs)], cfg.lr, nn.CrossEntropyLoss()
+    if cfg.opt == 'adam': opt = lambda ps: torch.optim.AdamW(ps, lr=cfg.lr, betas=(0.9, 0.99), eps=1e-5, weight_decay=cfg.wd)  # fastai's Adam
+    else: opt = lambda ps: torch.optim.SGD(ps, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd)
+    return f'pretext (Jigsaw++ CFN, {cfg.opt})', kt, model, [(x[i:i+cfg.bs], y[i:i+cfg.bs]) for i in range(0, n, cfg.bs)], opt, nn.CrossEntropyLoss()
 
 def probe_case(preset, steps, warmup):
     from kt_paper.probes import PROBE_PRESETS, LinearProbes, linear_probe_learner, multi_head_loss, probe_dls
@@ -94,7 +98,8 @@ def probe_case(preset, steps, warmup):
         dls = probe_dls((x, y.numpy()), (x[:cfg.bs], y[:cfg.bs].numpy()), cfg, num_workers=0)
         t = Timer(warmup); learn = linear_probe_learner(copy.deepcopy(model), dls, cfg); learn.add_cb(t)
         fit(learn, 1, quiet=True); return t.rate, learn.precision_used
-    return 'linear probes (conv1-5)', kt, model, norm_batches(x, y, cfg.bs, cfg.crop), cfg.lin_lr, multi_head_loss
+    opt = lambda ps: torch.optim.SGD(ps, lr=cfg.lin_lr, momentum=cfg.momentum, weight_decay=cfg.wd)
+    return 'linear probes (conv1-5)', kt, model, norm_batches(x, y, cfg.bs, cfg.crop), opt, multi_head_loss
 
 def main():
     ap = argparse.ArgumentParser()
@@ -106,12 +111,12 @@ def main():
     print(f"machine: {cpu_name()}, {torch.get_num_threads()} threads, bf16 units: {cpu_has_bf16()}, torch {torch.__version__}, preset {a.preset}")
     ratios = []
     for case in (student_case, pretext_case, probe_case):
-        name, kt, model, batches, lr, loss = case(a.preset, a.steps, a.warmup)
+        name, kt, model, batches, opt, loss = case(a.preset, a.steps, a.warmup)
         refs, rate = {}, 0.
         for _ in range(a.rounds):
             r_kt, prec = kt(); rate = max(rate, r_kt)
             for p, cl in (('fp32', False), ('bf16', False), ('bf16', True)):
-                k = f'{p}{"+cl" if cl else ""}'; refs[k] = max(refs.get(k, 0.), bare(model, batches, lr, p, cl, loss, a.warmup))
+                k = f'{p}{"+cl" if cl else ""}'; refs[k] = max(refs.get(k, 0.), bare(model, batches, opt, p, cl, loss, a.warmup))
         best = max(refs, key=refs.get); r = rate / refs[best]; ratios.append(r)
         print(f"{name:26s} kt_paper {rate:8.1f} img/s ({prec.name}{'+cl' if prec.channels_last else ''})  bare: " +
               ', '.join(f'{k} {v:.1f}' for k, v in refs.items()) + f"  ratio vs best bare ({best}): {r:.2f}")
