@@ -6,10 +6,9 @@ BIN     := $(VENV)/bin
 PRESET  ?= tiny
 ARGS    ?=
 NB_WORKERS ?= 2
-# The tests check one program on every CPU: fp32 unless asked (`make test KT_PAPER_PRECISION=bf16`); the bf16 paths have
+# The tests check one program on every CPU: fp32 unless asked (`make test TEST_PRECISION=bf16`); the bf16 paths have
 # their own tests. `KT_PAPER_HIDE_BF16=1` makes a CPU with bf16 units look like one without.
-KT_PAPER_PRECISION ?= fp32
-export KT_PAPER_PRECISION
+TEST_PRECISION ?= fp32
 
 .PHONY: install reproduce test readme check-readme gates nbtest pytest bench clean-runs
 
@@ -33,10 +32,10 @@ gates: install
 	$(BIN)/python tools/make_readme.py --check
 
 nbtest: install
-	MPLBACKEND=agg $(BIN)/nbdev-test --n-workers $(NB_WORKERS) --timing
+	KT_PAPER_PRECISION=$(TEST_PRECISION) MPLBACKEND=agg $(BIN)/nbdev-test --n-workers $(NB_WORKERS) --timing
 
 pytest: install
-	MPLBACKEND=agg $(BIN)/python -m pytest -q tests
+	KT_PAPER_PRECISION=$(TEST_PRECISION) MPLBACKEND=agg $(BIN)/python -m pytest -q tests
 
 readme: install
 	$(BIN)/python tools/make_readme.py
