@@ -6,6 +6,7 @@ from PIL import Image
 warnings.filterwarnings('ignore', category=FutureWarning)
 from kt_paper.jigsaw import *
 from kt_paper.jigsaw import _colour_normalise
+from kt_paper.nets import cut_at
 from kt_paper.train import checkpoint_state
 from kt_paper.core import load_json
 
@@ -168,13 +169,13 @@ def test_shapes_for_every_preset(preset):
 
 def test_trunks_and_features():
     net = build_cfn('alexnet', 10, width=0.25)
-    assert [n for n, _ in net.trunk.named_children()] == ['conv1', 'conv2', 'conv3', 'conv4', 'conv5', 'pool5']
-    assert trunk_features(net.trunk, torch.randn(1, 3, 64, 64), 'pool5').shape == (1, 64, 2, 2)
-    assert trunk_features(net.trunk, torch.randn(2, 3, 96, 96), 'conv4').shape[:2] == (2, 96)
-    with pytest.raises(KeyError): trunk_features(net.trunk, torch.randn(1, 3, 64, 64), 'fc7')
+    assert [n for n, _ in net.trunk.named_children()] == ['conv1', 'pool1', 'norm1', 'conv2', 'pool2', 'norm2', 'conv3', 'conv4', 'conv5', 'pool5']
+    assert cut_at(net.trunk, 'pool5')(torch.randn(1, 3, 64, 64)).shape == (1, 64, 2, 2)
+    assert cut_at(net.trunk, 'conv4')(torch.randn(2, 3, 96, 96)).shape[:2] == (2, 96)
+    with pytest.raises(KeyError): cut_at(net.trunk, 'fc7')
     vgg = build_cfn('vgg16', 10, width=0.125, tile=32, bn=True)
     assert [n for n, _ in vgg.trunk.named_children()] == [f'conv{i}' for i in range(1, 6)]
-    assert trunk_features(vgg.trunk, torch.randn(1, 3, 64, 64), 'conv3').shape == (1, 32, 8, 8)
+    assert cut_at(vgg.trunk, 'conv3')(torch.randn(1, 3, 64, 64)).shape == (1, 32, 8, 8)
     with pytest.raises(ValueError, match='too small'): build_cfn('alexnet', 10, tile=16)
 
 def test_paper_init_stds():

@@ -2,7 +2,8 @@
 import pytest, torch
 from dataclasses import replace
 from kt_paper.student import build_alexnet, synthetic_images, STUDENT_PRESETS, CONV_LAYERS
-from kt_paper.probes import (PROBE_PRESETS, probe_grids, probe_dims, conv_activations, LinearProbes, nonlinear_probe_model,
+from kt_paper.nets import layer_outputs
+from kt_paper.probes import (PROBE_PRESETS, probe_grids, probe_dims, LinearProbes, nonlinear_probe_model,
                              probe_dls, run_linear_probes, run_nonlinear_probe, NL_LAYERS)
 
 def test_paper_grids_and_dims():
@@ -16,14 +17,14 @@ def test_grids_scale_with_input(preset, grids):
     assert tuple(probe_grids(net).values()) == grids
     probes = LinearProbes(net, 10).eval()
     x = torch.zeros(2, 3, net.args['input_size'], net.args['input_size'])
-    with torch.no_grad(): acts = conv_activations(probes.trunk, x)
+    with torch.no_grad(): acts = layer_outputs(probes.trunk, x)
     dims = probe_dims(net)
     for n, h in probes.heads.items():
         assert h[:2](acts[n]).shape == (2, dims[n])   # pooled + flattened = the documented size
         assert not h[2].affine                        # BN without affine parameters
 
 def test_conv_activations_unknown_layer():
-    with pytest.raises(KeyError, match='conv9'): conv_activations(build_alexnet(2, width=0.125, fc_dim=8).features, torch.zeros(1, 3, 227, 227), ['conv9'])
+    with pytest.raises(KeyError, match='conv9'): layer_outputs(build_alexnet(2, width=0.125, fc_dim=8).features, torch.zeros(1, 3, 227, 227), ['conv9'])
 
 @pytest.fixture(scope='module')
 def toy():
