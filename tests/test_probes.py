@@ -130,3 +130,20 @@ def test_probe_split_builtin_test_scale():
     (x, y), (xv, yv), classes = probe_split(roots['scenes'], cfg)
     assert x.dtype == torch.uint8 and x.shape[1:] == (3, cfg.resize, cfg.resize) and len(x) == len(y) > 0
     assert len(xv) == len(yv) > 0 and set(y) == set(yv) == set(range(len(classes)))
+
+def test_run_probes_caches_by_checkpoint_content(tmp_path):
+    "The stage reuses a result only for the same checkpoint bytes: a retrained student is probed again."
+    from kt_paper.probes import run_probes, demo_students
+    from kt_paper.nets import load_alexnet, save_alexnet
+    sd = demo_students(tmp_path, 'test', seed=0, probe_sets='scenes')
+    r1 = run_probes(tmp_path, 'test', seed=0, device='cpu', probe_sets='scenes', student_dir=sd, quiet=True)
+    assert set(r1['linear']['scenes']) == {'random', 'supervised'} and r1['nonlinear'] == {}
+    n_files = lambda: len(list((tmp_path/'probes'/'linear_scenes').glob('*.json')))
+    assert n_files() == 2
+    r2 = run_probes(tmp_path, 'test', seed=0, device='cpu', probe_sets='scenes', student_dir=sd, quiet=True)
+    assert r2['linear'] == r1['linear'] and n_files() == 2          # reused
+    m = load_alexnet(sd/'random'/'final.pth')
+    with torch.no_grad(): m.features.conv1.conv.weight.mul_(-1)     # "retrained": other weights in the same file
+    save_alexnet(m, sd/'random'/'final.pth')
+    run_probes(tmp_path, 'test', seed=0, device='cpu', probe_sets='scenes', student_dir=sd, quiet=True)
+    assert n_files() == 3                                            # the changed model was probed again
