@@ -12,7 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kt_paper import data as D
+from kt_paper import data as D, synthetic as S
+from kt_paper.core import load_json
 
 
 def generation(scale: str, workers: list) -> Path:
@@ -21,11 +22,11 @@ def generation(scale: str, workers: list) -> Path:
     for w in workers:
         root = base/f'w{w}'
         t, c = time.perf_counter(), time.process_time()
-        D.make_builtin_dataset(root, seed=0, **D.BUILTIN_SCALES[scale], n_workers=w)
+        S.make_builtin_dataset(root, seed=0, **S.BUILTIN_SCALES[scale], n_workers=w)
         wall, cpu = time.perf_counter() - t, time.process_time() - c
         ref = ref or wall
         print(f"scale={scale} workers={w}: wall {wall:.1f} s (x{wall/ref:.2f} of the first), main-process CPU {cpu:.1f} s, "
-              f"{D.load_json(root/'builtin.json')['counts']}")
+              f"{load_json(root/'builtin.json')['counts']}")
         keep = root
     return keep
 

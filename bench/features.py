@@ -17,7 +17,8 @@ from pathlib import Path
 def child(teacher:str, n:int, preset:str, out:str):
     import numpy as np, torch
     from kt_paper.core import pick_preset
-    from kt_paper.data import ensure_builtin_dataset, read_class_folder
+    from kt_paper.data import read_class_folder
+    from kt_paper.synthetic import ensure_builtin_dataset
     from kt_paper import teachers as T
     from kt_paper.jigsaw import JIGSAW_PRESETS
     if teacher.endswith('-unpinned'): T.pin_mmap_threshold = lambda: False  # the reference: glibc's dynamic threshold

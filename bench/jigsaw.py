@@ -87,7 +87,8 @@ def bench_builders(name, cfg, perms, raw, n):
     return r_ours / r_ref
 
 def bench_training(cfg, n_iter):
-    from kt_paper.data import ensure_builtin_dataset, read_class_folder, load_rgb
+    from kt_paper.data import read_class_folder, load_rgb
+    from kt_paper.synthetic import ensure_builtin_dataset
     root = ensure_builtin_dataset(scale='default')
     tr, va = read_class_folder(root/'objects', 'train').paths, read_class_folder(root/'objects', 'val').paths
     perms = permutation_set(cfg.n_perms, cfg.min_dist)

@@ -13,16 +13,18 @@ from torch import nn
 import torch.nn.functional as F
 from PIL import Image
 from .images import InputNorm, imagenet_normalize, resize_centre_crop
-from .train import autocast_for, digest, fit, one_cycle, one_cycle_mom
+from .train import autocast_for, digest, fit, image_ids, one_cycle, one_cycle_mom
 from .data import load_rgb
 from fastai.callback.schedule import ParamScheduler
 from .core import (pick_preset, get_device, default_num_workers, save_json, load_json,
-                           atomic_path, fingerprint, seed_everything)
+                           atomic_path, fingerprint, seed_everything, save_checkpoint, load_checkpoint)
 
 # %% auto #0
-__all__ = ['TEACHER_PRESETS', 'TeacherConfig', 'Teacher', 'hog_dim', 'HOGTeacher', 'hog_teacher', 'pool_features', 'CNNTeacher',
-           'TrunkUpTo', 'jigsaw_teacher', 'random_teacher', 'torchvision_teacher', 'train_supervised_teacher',
-           'supervised_teacher', 'manifest_path', 'load_features', 'pin_mmap_threshold', 'extract_features']
+__all__ = ['TEACHER_PRESETS', 'IMAGE_SETS', 'TeacherConfig', 'Teacher', 'hog_dim', 'HOGTeacher', 'hog_teacher', 'pool_features',
+           'CNNTeacher', 'TrunkUpTo', 'jigsaw_teacher', 'random_teacher', 'torchvision_teacher',
+           'train_supervised_teacher', 'supervised_teacher', 'manifest_path', 'load_features', 'pin_mmap_threshold',
+           'extract_features', 'teacher_image_sets', 'jigsaw_checkpoint', 'supervised_trunk', 'cfn_args',
+           'stage_teachers', 'run_teachers']
 
 # %% ../nbs/08_teachers.ipynb #f9653a26
 @dataclasses.dataclass(frozen=True)
@@ -329,3 +331,123 @@ def extract_features(teacher:Teacher,          # what computes the features
     save_json(man, manifest_path(out_path))
     prog.unlink(missing_ok=True)
     return out_path
+
+# %% ../nbs/08_teachers.ipynb #a7961165
+IMAGE_SETS = (('objects', 'imagenet'), ('scenes', 'places'))  # short set name (in file names) and its data role
+
+def teacher_image_sets(preset:str,      # a `kt_paper.data.DATA_PRESETS` name
+                       data_root=None,  # folder of the real datasets (small/paper presets)
+                       seed:int=0       # seed of the built-in dataset
+                      ) -> dict:
+    "The images every teacher embeds: `{'objects_train': ImageSet, 'objects_val', 'scenes_train', 'scenes_val'}`."
+    from kt_paper import data as ktdata
+    roots = ktdata.dataset_roots(pick_preset(ktdata.DATA_PRESETS, preset), data_root, seed=seed, check=False)
+    sets = {}
+    for kind, role in IMAGE_SETS:
+        sets[f'{kind}_train'] = tr = ktdata.read_class_folder(roots[role], 'train')
+        sets[f'{kind}_val'] = ktdata.read_class_folder(roots[role], 'val', classes=tr.classes)
+    return sets
+
+# %% ../nbs/08_teachers.ipynb #9e4df9fc
+def jigsaw_checkpoint(out,       # the run folder
+                      path=None  # an explicit checkpoint (`JIGSAW_CKPT`); None: the pretext stage's
+                     ) -> Path:
+    "The Jigsaw++ CFN to use as a teacher (it may not exist yet when `path` is None)."
+    if path is not None:
+        if not Path(path).exists(): raise FileNotFoundError(f"Jigsaw++ checkpoint {path} not found")
+        return Path(path)
+    own, legacy = Path(out)/'jigsaw'/'jigsaw_cfn.pth', Path(out)/'teachers'/'jigsaw_cfn.pth'
+    return legacy if legacy.exists() and not own.exists() else own
+
+# %% ../nbs/08_teachers.ipynb #6367a7c1
+def supervised_trunk(images,             # `ImageSet`: training images and their true classes
+                     path,               # where the trunk is saved (`<out>/teachers/supervised_trunk.pth`)
+                     cfg:TeacherConfig,  # image size of the features
+                     epochs:int=2,       # training epochs
+                     seed:int=0, device='auto',
+                     num_workers:int|None=None, # DataLoader workers (None: `default_num_workers()`)
+                     **build_args        # `kt_paper.jigsaw.build_cfn` arguments of the trunk
+                    ) -> nn.Sequential:
+    "The trunk of `train_supervised_teacher` on `images`, saved to `path`; reused from `path` when made the same way."
+    from kt_paper.jigsaw import build_cfn
+    path = Path(path)
+    key = fingerprint(cfg.image_size, epochs, seed, build_args, digest(image_ids(images.paths)), digest(images.labels))
+    if path.exists():
+        sd, meta = load_checkpoint(path)
+        if meta.get('args', {}).get('fingerprint') == key:
+            trunk = build_cfn(**{'init': 'torch', **build_args}).trunk; trunk.load_state_dict(sd)
+            return trunk.eval()
+    trunk = train_supervised_teacher(images.paths, images.labels, cfg, epochs=epochs, seed=seed, device=device,
+                                     loader=load_rgb, num_workers=num_workers, **build_args)
+    save_checkpoint(trunk, path, arch='cfn_trunk', build_args=build_args, fingerprint=key)
+    return trunk
+
+# %% ../nbs/08_teachers.ipynb #8f310bb4
+def cfn_args(preset:str) -> dict:
+    "`build_cfn` arguments of the CFN trunk that the pretext stage trains at `preset` (the `tiny` one at `test`)."
+    from kt_paper.jigsaw import JIGSAW_PRESETS
+    j = pick_preset(JIGSAW_PRESETS, 'tiny' if preset == 'test' else preset)
+    return dict(arch=j.arch, width=j.width, tile=j.tile, bn=j.bn, conv1_kernel=j.conv1_kernel,
+                conv1_stride=j.conv1_stride, conv1_pad=j.conv1_pad)
+
+def stage_teachers(out,                     # the run folder
+                   preset:str,              # the run's preset
+                   cfg:TeacherConfig,       # feature settings
+                   seed:int=0, device='auto',
+                   jigsaw_ckpt=None,        # explicit Jigsaw++ checkpoint (see `jigsaw_checkpoint`)
+                   supervised_epochs:int=0, # > 0: add the supervised reference, trained on `train_images`
+                   train_images=None,       # `ImageSet` with true classes (the objects train split)
+                   num_workers:int|None=None # DataLoader workers of the supervised training
+                  ) -> dict:
+    "name -> `Teacher`: HOG, the random trunk, and those whose networks exist (Jigsaw++ CFN and VGG16, supervised)."
+    from kt_paper.jigsaw import JIGSAW_PRESETS
+    out, args = Path(out), cfn_args(preset)
+    scale = pick_preset(JIGSAW_PRESETS, 'tiny' if preset == 'test' else preset).tile_scale
+    teachers = {'hog': hog_teacher(cfg), 'random': random_teacher(cfg, seed=seed, **args)}
+    if (ckpt := jigsaw_checkpoint(out, jigsaw_ckpt)).exists(): teachers['jigsaw'] = jigsaw_teacher(ckpt, cfg, scale=scale)
+    if (vgg := out/'jigsaw_vgg'/'jigsaw_cfn.pth').exists():
+        teachers['vgg_jigsaw'] = jigsaw_teacher(vgg, cfg, name='vgg_jigsaw', scale=scale)
+    if supervised_epochs:
+        if train_images is None: raise ValueError('supervised_epochs > 0 needs train_images (the labelled objects train split)')
+        sup = out/'teachers'/'supervised_trunk.pth'
+        trunk = supervised_trunk(train_images, sup, cfg, supervised_epochs, seed, device, num_workers, **args)
+        teachers['supervised'] = supervised_teacher(trunk, cfg, dict(checkpoint=str(sup), checkpoint_sha=digest(sup),
+                                                                     epochs=supervised_epochs))
+    return teachers
+
+# %% ../nbs/08_teachers.ipynb #113e6af6
+def _manifest_fingerprint(path) -> str|None:
+    "The fingerprint in the manifest of feature file `path`, or None when there is no finished file."
+    m = manifest_path(path)
+    return load_json(m).get('fingerprint') if m.exists() and Path(path).exists() else None
+
+def run_teachers(out,                         # run folder: features go to `<out>/features/<teacher>/<set>_<split>.npy`
+                 preset:str='tiny',           # a `TEACHER_PRESETS` (and `DATA_PRESETS`) name
+                 data_root=None,              # folder of the real datasets (small/paper presets)
+                 seed:int=0, device='auto',
+                 jigsaw_ckpt=None,            # a Jigsaw++ checkpoint; None: the pretext stage's (`jigsaw_checkpoint`)
+                 train_jigsaw:bool|None=None, # train the pretext stage's teacher when missing; None: at `tiny` only
+                 supervised_epochs:int|None=None, # epochs of the supervised reference; 0 skips it; None: 2 (0 at `test`)
+                 num_workers:int|None=None,   # DataLoader workers (None: `default_num_workers()`)
+                 **overrides                  # `TeacherConfig` fields to change
+                ) -> dict:
+    "Extract every available teacher's features of the objects and scenes train/val images; return what was written."
+    cfg = pick_preset(TEACHER_PRESETS, preset, **overrides)
+    out, sets = Path(out), teacher_image_sets(preset, data_root, seed)
+    if (preset == 'tiny' if train_jigsaw is None else train_jigsaw) and not jigsaw_checkpoint(out, jigsaw_ckpt).exists():
+        from kt_paper.jigsaw import run_pretext
+        run_pretext(str(out), preset, data_root, seed=seed, device=device)
+    if supervised_epochs is None: supervised_epochs = 0 if preset == 'test' else 2
+    teachers = stage_teachers(out, preset, cfg, seed, device, jigsaw_ckpt, supervised_epochs, sets['objects_train'], num_workers)
+    res = {}
+    for name, teacher in teachers.items():
+        t0, files, reused, dim = time.time(), {}, {}, None
+        for sname, s in sets.items():
+            f, before = out/'features'/name/f'{sname}.npy', _manifest_fingerprint(out/'features'/name/f'{sname}.npy')
+            extract_features(teacher, s.paths, f, root=s.root, labels=s.labels, classes=s.classes,
+                             dataset=f'{Path(s.root).name}/{s.split}', batch_size=cfg.batch_size, dtype=cfg.dtype,
+                             num_workers=num_workers, device=device, flush_every=cfg.flush_every, loader=load_rgb)
+            man = load_json(manifest_path(f))
+            files[sname], reused[sname], dim = str(f), before == man['fingerprint'], man['shape'][1]
+        res[name] = dict(dim=dim, seconds=round(time.time() - t0, 1), files=files, reused=reused, teacher=teacher.describe())
+    return dict(preset=preset, seed=seed, config=dataclasses.asdict(cfg), features=str(out/'features'), teachers=res)

@@ -120,8 +120,73 @@ def test_k_ablation_one_folder_per_k(tmp_path):
     r = cluster_k_ablation(fd, cfg, (3, 6), tmp_path/'abl')
     assert sorted(r) == [3, 6]
     assert [r[k]['diagnostics']['objects_val']['k'] for k in (3, 6)] == [3, 6]
-    assert sorted(p.name.split('-')[1] for p in (tmp_path/'abl').iterdir()) == ['k3', 'k6']
+    assert sorted(p.name.split('-')[1] for p in (tmp_path/'abl').iterdir() if p.is_dir()) == ['k3', 'k6']
     assert r[6]['diagnostics']['objects_val']['nmi'] > 0.99
     mt = (r[6]['cluster_dir']/'centroids.npy').stat().st_mtime_ns
     assert cluster_k_ablation(fd, cfg, (6,), tmp_path/'abl')[6]['cluster_dir'] == r[6]['cluster_dir']
     assert (r[6]['cluster_dir']/'centroids.npy').stat().st_mtime_ns == mt   # the fitted model is reused
+
+@pytest.fixture(scope='module')
+def teacher_run(tmp_path_factory):
+    "A run folder holding the test preset's teacher features (HOG and the random trunk)."
+    from kt_paper.teachers import run_teachers
+    out = tmp_path_factory.mktemp('run')
+    return out, run_teachers(out, 'test', seed=0, device='cpu', num_workers=0)
+
+def test_run_clustering_stage(teacher_run, tmp_path):
+    "run_clustering (test preset): both directions per teacher, pseudo-labels where the student reads them, the k ablation, grids; full reuse."
+    import shutil
+    from kt_paper.teachers import load_features
+    src, feats = teacher_run
+    out = tmp_path/'run'; shutil.copytree(src/'features', out/'features')
+    r = C.run_clustering(out, 'test', seed=0, device='cpu', ablation_teacher='hog', fig_dir=tmp_path/'fig')
+    k = C.CLUSTER_PRESETS['test'].k
+    assert sorted(r['clusters']) == ['hog', 'random'] and r['skipped'] == {} and r['pruned'] == []
+    for t, c in r['clusters'].items():
+        assert sorted(c) == ['objects_train', 'scenes_train']
+        for train, res in c.items():
+            cd = res['cluster_dir']
+            assert cd.parent == out/'clusters'/t and cd.name.startswith(f'{train}-k{k}-') and not res['reused']
+            assert sorted(res['diagnostics']) == ['objects_train', 'objects_val', 'scenes_train', 'scenes_val']
+            for name in res['diagnostics']:
+                pl = load_pseudo_labels(cd/f'pseudo_labels_{name}.csv')
+                assert pl.ids == load_features(feats['teachers'][t]['files'][name])[1]['ids']
+                assert 0 <= pl.labels.min() and pl.labels.max() < k
+    assert [p.name for p in r['figures']] == ['clusters_hog.png', 'clusters_random.png'] and all(p.exists() for p in r['figures'])
+    assert sorted(r['ablation']) == list(C.ABLATION_KS['test'])
+    assert r['ablation'][4]['cluster_dir'].parent == out/'ablation_clusters'/'hog'
+    csvs = sorted((out/'clusters').rglob('*.csv')) + sorted((out/'ablation_clusters').rglob('*.csv'))
+    mtimes = [f.stat().st_mtime_ns for f in csvs]
+    r2 = C.run_clustering(out, 'test', seed=0, device='cpu', ablation_teacher='hog', fig_dir=tmp_path/'fig')
+    assert all(res['reused'] for c in r2['clusters'].values() for res in c.values()) and r2['ablation'][4]['reused']
+    assert [f.stat().st_mtime_ns for f in csvs] == mtimes and r2['pruned'] == []     # nothing recomputed or removed
+    assert r2['clusters']['hog']['objects_train']['diagnostics'] == r['clusters']['hog']['objects_train']['diagnostics']
+
+def test_run_clustering_recomputes_on_new_features_or_settings(teacher_run, tmp_path):
+    "New teacher features, another seed or k: new clusterings, and the superseded ones are removed (the student globs these folders)."
+    import shutil
+    from kt_paper.teachers import run_teachers
+    src, _ = teacher_run
+    out = tmp_path/'run'; shutil.copytree(src/'features', out/'features')
+    run = lambda **kw: C.run_clustering(out, 'test', device='cpu', ablation_ks=(), fig_dir=tmp_path/'fig', **{'seed': 0, **kw})
+    folders = lambda t: sorted(p.name for p in (out/'clusters'/t).iterdir() if p.is_dir())
+    r = run()
+    hog0, rnd0 = r['clusters']['hog']['objects_train']['cluster_dir'], r['clusters']['random']['objects_train']['cluster_dir']
+    run_teachers(out, 'test', seed=0, device='cpu', num_workers=0, hog_cell=16)  # a changed HOG teacher: new HOG features only
+    r2 = run()
+    hog1 = r2['clusters']['hog']['objects_train']['cluster_dir']
+    assert hog1 != hog0 and not r2['clusters']['hog']['objects_train']['reused'] and not hog0.exists()
+    assert r2['clusters']['random']['objects_train']['cluster_dir'] == rnd0 and r2['clusters']['random']['objects_train']['reused']
+    assert len(folders('hog')) == 2 and sorted(map(str, r2['pruned'])) == sorted(str(out/'clusters'/'hog'/n) for n in
+                                                                                  [hog0.name, r['clusters']['hog']['scenes_train']['cluster_dir'].name])
+    r3 = run(seed=1, teachers='hog')
+    assert r3['clusters']['hog']['objects_train']['cluster_dir'] != hog1 and list(r3['clusters']) == ['hog']
+    r4 = run(seed=1, teachers='hog', k=6)
+    assert [n.split('-')[1] for n in folders('hog')] == ['k6', 'k6']
+    assert r4['clusters']['hog']['objects_train']['diagnostics']['objects_val']['k'] == 6
+    assert folders('random') == sorted([rnd0.name, r['clusters']['random']['scenes_train']['cluster_dir'].name])  # untouched
+
+def test_run_clustering_skips_missing_features(tmp_path):
+    r = C.run_clustering(tmp_path, 'test', device='cpu', teachers='jigsaw')
+    assert r['clusters'] == {} and 'jigsaw' in r['skipped'] and 'ablation:jigsaw' in r['skipped']
+    assert C.stage_teacher_names(tmp_path/'features') == []

@@ -1,34 +1,24 @@
-"""Tests of kt_paper.data: image decoding, the built-in generator, readers (incl. bad input), loaders, real samples."""
-import hashlib, multiprocessing as mp, os, shutil, warnings
+"""Tests of kt_paper.data: image decoding, readers (incl. bad input), data roles, the data stage, real samples."""
+import dataclasses, os, shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from kt_paper import data as D
-from kt_paper.data import (VOC_CLASSES, AnnotationError, DataError, ImageReadError, load_rgb, load_mask, make_builtin_dataset,
-                           ensure_builtin_dataset, read_class_folder, read_unlabeled, read_tiny_imagenet, read_image_set,
-                           parse_voc_xml, read_voc, read_voc_class_files, read_voc_segmentation, voc_class_labels, voc_target,
-                           verify_images)
+from kt_paper.data import (VOC_CLASSES, AnnotationError, DataError, ImageReadError, load_rgb, read_class_folder,
+                           read_unlabeled, read_tiny_imagenet, read_image_set, parse_voc_xml, read_voc, read_voc_class_files,
+                           read_voc_segmentation, voc_class_labels, verify_images)
+from kt_paper.synthetic import BUILTIN_SCALES, SCENE_CLASSES, ensure_builtin_dataset
 
 SHARED = Path(os.environ.get('KT_PAPER_SHARED_DATA', Path(__file__).resolve().parents[1].parent/'shared'/'data'))
-TINY = dict(n_objects_train=1, n_objects_val=1, n_scenes_train=1, n_scenes_val=1,
-            n_voc07_trainval=4, n_voc07_test=4, n_voc12_train=2, n_voc12_val=2)
 
 
 @pytest.fixture(scope='module')
 def builtin(tmp_path_factory):
-    "The test-scale built-in dataset, generated once for this module."
+    "The test-scale built-in dataset (kt_paper.synthetic), generated once for this module."
     return ensure_builtin_dataset(tmp_path_factory.mktemp('b')/'builtin', seed=0, scale='test', n_workers=0)
-
-
-def _digest(root: Path) -> str:
-    h = hashlib.sha256()
-    for p in sorted(root.rglob('*')):
-        if p.is_file(): h.update(str(p.relative_to(root)).encode()); h.update(p.read_bytes())
-    return h.hexdigest()
 
 
 # ---------------------------------------------------------------- load_rgb
@@ -62,88 +52,14 @@ def test_load_rgb_bad_files(tmp_path):
     assert not ImageFile.LOAD_TRUNCATED_IMAGES
 
 
-# ---------------------------------------------------------------- generator
-def test_generator_is_deterministic_and_worker_independent(tmp_path):
-    a = make_builtin_dataset(tmp_path/'a', seed=1, **TINY, n_workers=0)
-    b = make_builtin_dataset(tmp_path/'b', seed=1, **TINY, n_workers=2)
-    assert _digest(a) == _digest(b)
-    r = lambda s: np.asarray(D.render_voc_image(np.random.default_rng([s, 4, 0]))[0])
-    assert np.array_equal(r(1), r(1)) and not (r(1).shape == r(2).shape and np.array_equal(r(1), r(2)))
-
-
-def test_generator_refuses_nonempty(tmp_path):
-    (tmp_path/'x').mkdir(); (tmp_path/'x'/'f').write_text('1')
-    with pytest.raises(DataError, match='not empty'): make_builtin_dataset(tmp_path/'x', **TINY)
-
-
-def _ensure(root): return str(ensure_builtin_dataset(root, seed=0, scale='test', n_workers=0))
-
-
-def test_ensure_is_safe_in_parallel(tmp_path, monkeypatch):
-    monkeypatch.setitem(D.BUILTIN_SCALES, 'test', dict(size=96, **TINY))    # smaller; the forked workers inherit it
-    root = tmp_path/'shared'
-    with mp.get_context('fork').Pool(2) as pool: res = pool.map(_ensure, [root, root])
-    assert res == [str(root)]*2
-    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith('.lock')) == ['shared']   # no temp dirs left
-    assert D.load_json(root/'builtin.json')['version'] == D.BUILTIN_VERSION
-
-
-def test_ensure_refuses_other_settings_and_versions(builtin, tmp_path):
-    with pytest.raises(DataError, match='other settings'): ensure_builtin_dataset(builtin, seed=1, scale='test')
-    with pytest.raises(ValueError, match='unknown scale'): ensure_builtin_dataset(builtin, scale='huge')
-    old = tmp_path/'old'; old.mkdir(); D.save_json(dict(version=0, args={}), old/'builtin.json')
-    with pytest.raises(DataError, match='generator version 0'): ensure_builtin_dataset(old, scale='test')
-
-
-def test_builtin_layout(builtin):
-    counts = D.load_json(builtin/'builtin.json')['counts']
-    s = D.BUILTIN_SCALES['test']
-    assert counts['objects'] == 20*(s['n_objects_train'] + s['n_objects_val'])
-    assert counts['scenes'] == len(D.SCENE_CLASSES)*(s['n_scenes_train'] + s['n_scenes_val'])
-    for split in ('train', 'val'):
-        assert sorted(p.name for p in (builtin/'objects'/split).iterdir()) == list(VOC_CLASSES)
-    v07 = builtin/'VOCdevkit'/'VOC2007'
-    for f in ('train', 'val', 'trainval', 'test', 'dog_test', 'person_trainval'): assert (v07/'ImageSets'/'Main'/f'{f}.txt').is_file()
-    tv, tr, va = (set((v07/'ImageSets'/'Main'/f'{f}.txt').read_text().split()) for f in ('trainval', 'train', 'val'))
-    assert tr | va == tv and not tr & va
-    assert len(read_voc_segmentation(builtin, 'train').ids) == s['n_voc12_train']
-    im = Image.open(builtin/'objects'/'train'/'cat'/'cat_00000.JPEG'); assert im.size == (96, 96)
-
-
-def test_builtin_voc_annotations_are_consistent(builtin):
-    vs = read_voc(builtin, 'trainval')
-    ids, lab = read_voc_class_files(builtin, 'trainval')
-    assert ids == vs.ids and (lab == vs.labels).all()
-    for a, p in zip(vs.annotations, vs.paths):
-        w, h = Image.open(p).size
-        assert (a.width, a.height) == (w, h) and 1 <= len(a.objects) <= 4
-        for o in a.objects:
-            x0, y0, x1, y1 = o.box
-            assert 1 <= x0 <= x1 <= w and 1 <= y0 <= y1 <= h
-    line = (builtin/'VOCdevkit'/'VOC2007'/'ImageSets'/'Main'/'person_trainval.txt').read_text().splitlines()[0]
-    assert len(line.split()) == 2 and line[6:8] in ('  ', ' -')      # devkit format '%s %2d'
-
-
-def test_builtin_masks_match_boxes(builtin):
-    seg = read_voc_segmentation(builtin, 'train')
-    vs = read_voc(builtin, 'train', year='2012')
-    anns = dict(zip(vs.ids, vs.annotations))
-    for i, mp_ in zip(seg.ids, seg.masks):
-        m = load_mask(mp_)
-        assert Image.open(mp_).mode == 'P'
-        present = set(np.unique(m).tolist()) - {0, 255}
-        assert present <= {VOC_CLASSES.index(o.name) + 1 for o in anns[i].objects}
-        assert (m == 255).any()                                     # boundaries are void
-
-
 # ---------------------------------------------------------------- readers on bad input
 def test_class_folder_errors(builtin, tmp_path):
     t = tmp_path/'t'; shutil.copytree(builtin/'scenes'/'train', t/'train')
-    s = read_class_folder(t, 'train'); assert s.classes == D.SCENE_CLASSES and len(s) == 10*4
+    s = read_class_folder(t, 'train'); assert s.classes == SCENE_CLASSES and len(s) == 10*4
     for p in (t/'train'/'lake').iterdir(): p.unlink()
     with pytest.raises(DataError, match=r'lake: class folder contains no images'): read_class_folder(t, 'train')
     with pytest.warns(UserWarning, match='skipped 1 of'): s = read_class_folder(t, 'train', on_error='skip')
-    assert len(s) == 36 and 'lake' in s.skipped[0] and s.classes == D.SCENE_CLASSES
+    assert len(s) == 36 and 'lake' in s.skipped[0] and s.classes == SCENE_CLASSES
     with pytest.raises(DataError, match='split folder not found'): read_class_folder(t, 'val')
     with pytest.raises(DataError, match='dataset folder not found'): read_class_folder(tmp_path/'nope', 'train')
     with pytest.raises(ValueError, match='on_error'): read_class_folder(t, 'train', on_error='ignore')
@@ -168,15 +84,14 @@ def test_voc_bad_input(builtin, tmp_path):
     assert len(ok) == len(vs) - 1 and img.name in ok.skipped[-1]
 
 
-def test_voc_labels_and_targets():
+def test_voc_class_labels():
     O = D.VOCObject
     a = D.VOCAnnotation('x.jpg', 9, 9, (O('dog', (1, 1, 2, 2), difficult=True), O('cat', (1, 1, 2, 2)),
                                          O('cat', (1, 1, 2, 2), difficult=True), O('bus', (1, 1, 2, 2))))
     lab = voc_class_labels([a])[0]
     assert lab[VOC_CLASSES.index('dog')] == 0 and lab[VOC_CLASSES.index('cat')] == 1 and lab[VOC_CLASSES.index('bus')] == 1
     assert (lab == -1).sum() == 17
-    t = voc_target(lab); assert t[VOC_CLASSES.index('dog')] == -1 and t[VOC_CLASSES.index('bird')] == 0
-    assert voc_target(lab, 'positive')[VOC_CLASSES.index('dog')] == 1 and voc_target(lab, 'negative')[VOC_CLASSES.index('dog')] == 0
+    assert voc_class_labels([]).shape == (0, 20)
 
 
 def test_tiny_imagenet_reader_bad_annotation(tmp_path):
@@ -187,40 +102,43 @@ def test_tiny_imagenet_reader_bad_annotation(tmp_path):
     with pytest.raises(AnnotationError, match='wnids.txt'): read_tiny_imagenet(tmp_path/'val', 'val')
 
 
-# ---------------------------------------------------------------- datasets and loaders
-def test_datasets_and_dataloaders(builtin):
-    cfg = D.DATA_PRESETS['test']
-    roots = D.dataset_roots(cfg, seed=0, builtin_dir=builtin)
-    tr = read_class_folder(roots['imagenet'], 'train'); va = read_class_folder(roots['imagenet'], 'val', classes=tr.classes)
-    dls = D.make_dataloaders(D.ImageClassification(tr, D.image_transforms(cfg.resize, cfg.crop, True)),
-                             D.ImageClassification(va, D.image_transforms(cfg.resize, cfg.crop, False)), bs=8, num_workers=0, device='cpu')
-    xb, yb = next(iter(dls.train))
-    assert xb.shape == (8, 3, cfg.crop, cfg.crop) and yb.dtype == torch.int64
-    assert [y for _, y in dls.valid.dataset][:2] == va.labels[:2].tolist()
-    vs = read_voc(roots['voc07'], 'trainval')
-    x, t = D.VOCClassification(vs, D.image_transforms(cfg.resize, cfg.crop, False))[0]
-    assert t.tolist() == voc_target(vs.labels[0]).tolist()
+# ---------------------------------------------------------------- data roles and the data stage
+def test_dataset_roots_and_read_role(builtin, monkeypatch):
+    roots = D.dataset_roots(D.DATA_PRESETS['test'], seed=0, builtin_dir=builtin)
+    assert roots == {r: builtin/sub for r, sub in [('imagenet', 'objects'), ('places', 'scenes'),
+                                                   ('voc07', 'VOCdevkit/VOC2007'), ('voc12', 'VOCdevkit/VOC2012')]}
+    assert isinstance(D.read_role('voc07', roots['voc07'], 'test'), D.VOCSet)
+    assert isinstance(D.read_role('voc12', roots['voc12'], 'val'), D.SegSet)
+    with pytest.raises(ValueError, match='unknown data role'): D.read_role('coco', roots['voc07'], 'train')
+    monkeypatch.delenv('KT_PAPER_DATA', raising=False)
+    with pytest.raises(DataError, match=r'pass data_root \(DATA_ROOT\)'): D.dataset_roots(D.DATA_PRESETS['paper'])
+    roots = D.dataset_roots(D.DATA_PRESETS['paper'], '/nonexistent', check=False)
+    assert roots['voc12'] == Path('/nonexistent/VOCdevkit/VOC2012')
 
 
-def test_detection_flip_keeps_boxes_on_objects(builtin):
-    vs = read_voc(builtin, 'trainval')
-    torch.manual_seed(0)
-    plain, flipped = D.VOCDetection(vs), D.VOCDetection(vs, train=True)
-    for i in range(4):
-        (x, t), (xf, tf) = plain[i], flipped[i]
-        if torch.equal(x, xf): assert torch.equal(t['boxes'], tf['boxes']); continue
-        W = x.shape[2]
-        assert torch.allclose(tf['boxes'][:, [2, 0]], W - t['boxes'][:, [0, 2]])
-        assert torch.equal(xf, x.flip(2))
+def test_run_data_reads_every_split_and_writes_the_sheets(builtin, tmp_path):
+    s = BUILTIN_SCALES['test']
+    res = D.run_data(tmp_path/'run', 'test', seed=0, builtin_dir=builtin)
+    assert res['images'] == dict(imagenet=dict(train=20*s['n_objects_train'], val=20*s['n_objects_val']),
+                                 places=dict(train=len(SCENE_CLASSES)*s['n_scenes_train'], val=len(SCENE_CLASSES)*s['n_scenes_val']),
+                                 voc07=dict(trainval=s['n_voc07_trainval'], test=s['n_voc07_test']),
+                                 voc12=dict(train=s['n_voc12_train'], val=s['n_voc12_val']))
+    assert res['sheets'] == [str(tmp_path/'run'/'figures'/f'data_samples_{r}.png') for r in D.ROLES]
+    assert all(Image.open(p).size[0] > 200 for p in res['sheets'])
+    assert res['builtin'] == list(D.ROLES) and res['roots']['voc07'] == str(builtin/'VOCdevkit'/'VOC2007')
+    other = D.run_data(tmp_path/'run2', 'test', builtin_dir=builtin, fig_dir=tmp_path/'figs')
+    assert [Path(p).parent for p in other['sheets']] == [tmp_path/'figs']*4
 
 
-def test_segmentation_dataset(builtin):
-    seg = read_voc_segmentation(builtin, 'train')
-    torch.manual_seed(0)
-    for train in (True, False):
-        x, y = D.VOCSegmentation(seg, crop=64, train=train)[0]
-        assert x.shape == (3, 64, 64) and y.shape == (64, 64) and y.dtype == torch.int64
-        assert set(y.unique().tolist()) <= set(range(21)) | {255}
+def test_run_data_fails_early_naming_the_file(builtin, tmp_path):
+    with pytest.raises(DataError, match="ILSVRC2012: folder for role 'imagenet' not found"): D.run_data(tmp_path, 'paper', tmp_path)
+    with pytest.raises(TypeError, match='no field'): D.run_data(tmp_path, 'test', builtin_dir=builtin, colour=1)
+    real = tmp_path/'data'; shutil.copytree(builtin/'VOCdevkit'/'VOC2007', real/'VOC2007')
+    for sub in ('objects', 'scenes'): (real/sub).symlink_to(builtin/sub)
+    (real/'VOC2007'/'ImageSets'/'Main'/'test.txt').unlink()
+    with pytest.raises(AnnotationError, match=r'test\.txt: split file not found'):
+        D.run_data(tmp_path/'run', 'test', real, builtin_dir=builtin, imagenet='objects', places='scenes', voc07='VOC2007')
+    assert not (tmp_path/'run'/'figures').exists()       # nothing written before every split has been read
 
 
 # ---------------------------------------------------------------- real samples
@@ -266,7 +184,6 @@ def test_real_grayscale_comes_back_rgb():
 
 @needs('voc2007-mini')
 def test_real_small_preset_roots():
-    import dataclasses
     cfg = dataclasses.replace(D.DATA_PRESETS['small'], voc12='voc2007-mini')   # (its voc12 is built-in: not generated here)
     roots = D.dataset_roots(cfg, SHARED)
     assert roots['voc07'] == SHARED/'voc2007-mini'/'VOCdevkit'/'VOC2007' and roots['imagenet'].name == 'imagenette2-mini'

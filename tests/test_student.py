@@ -207,3 +207,22 @@ def test_cfn_models_see_inputs_at_their_training_scale():
 def load_alexnet_roundtrip(net):
     import tempfile
     with tempfile.TemporaryDirectory() as d: save_alexnet(net, Path(d)/'a.pth'); return load_alexnet(Path(d)/'a.pth')
+
+def test_stage_reclustering_with_another_k_retrains_on_the_new_labels(tmp_path):
+    """The issue's scenario through the stages: cluster, train the students, re-cluster with another k in the same run
+    folder; the CC student is retrained and its labels are the new clusters' (the current clustering is recorded)."""
+    from kt_paper.teachers import run_teachers
+    from kt_paper.clustering import run_clustering, load_pseudo_labels, current_clusterings
+    from kt_paper.student import run_student
+    run_teachers(tmp_path, 'test', seed=0, device='cpu', train_jigsaw=False)
+    runs = []
+    for k in (3, 5, 3):                 # and back: a clustering reused from before must be the one used again
+        run_clustering(tmp_path, 'test', seed=0, device='cpu', teachers='hog', ablation_ks=(), k=k)
+        st = run_student(tmp_path, 'test', seed=0, device='cpu', cc_teachers='hog', quiet=True)
+        runs.append(st['students']['cc_hog'])
+        cdir = current_clusterings(tmp_path/'clusters'/'hog')['objects_train']
+        assert f'-k{k}-' in cdir.name
+        model = load_alexnet(tmp_path/'student'/'cc_hog'/'final.pth')
+        assert model.classifier.fc8.out_features == max(load_pseudo_labels(cdir/'pseudo_labels_objects_train.csv').labels) + 1
+    assert runs[0]['fingerprint'] != runs[1]['fingerprint'] and runs[2]['fingerprint'] == runs[0]['fingerprint']
+    assert load_json(tmp_path/'student'/'cc_hog'/'metrics.json')['fingerprint'] == runs[2]['fingerprint']

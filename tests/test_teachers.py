@@ -1,5 +1,6 @@
 "Tests of kt_paper.teachers: feature shapes and determinism, streaming extraction, resumption, manifests."
 import numpy as np, pytest, torch
+from pathlib import Path
 from PIL import Image
 from kt_paper import teachers as T
 from kt_paper.core import load_json
@@ -140,3 +141,71 @@ def test_extraction_pins_threshold_same_output(images, tmp_path, monkeypatch):
     f = T.extract_features(T.random_teacher(CFG, seed=0, **SMALL), paths, tmp_path/'p.npy', batch_size=4, num_workers=2)
     assert calls == [1]
     np.testing.assert_array_equal(np.load(f), ref)
+
+def _save_jigsaw(out, seed):
+    from kt_paper.jigsaw import build_cfn, save_jigsaw_net
+    torch.manual_seed(seed)
+    return save_jigsaw_net(build_cfn(n_perms=8, init='torch', **T.cfn_args('test')), out/'jigsaw'/'jigsaw_cfn.pth')
+
+def test_run_teachers_stage(tmp_path):
+    "run_teachers (test preset): every teacher's four feature files where 09_clustering reads them; reuse only on a fingerprint match."
+    _save_jigsaw(tmp_path, 0)
+    run = lambda: T.run_teachers(tmp_path, 'test', seed=0, device='cpu', num_workers=0, supervised_epochs=1)
+    r = run()
+    sets = T.teacher_image_sets('test', seed=0)
+    assert set(r['teachers']) == {'hog', 'random', 'jigsaw', 'supervised'}
+    for name, t in r['teachers'].items():
+        assert set(t['files']) == {'objects_train', 'objects_val', 'scenes_train', 'scenes_val'}
+        assert not any(t['reused'].values()), name
+        for s, f in t['files'].items():
+            assert f == str(tmp_path/'features'/name/f'{s}.npy')
+            x, man = T.load_features(f)
+            assert x.shape == (len(sets[s]), t['dim']) and man['labels'] == sets[s].labels.tolist()
+            assert man['ids'][0] == str(sets[s].paths[0].relative_to(sets[s].root))
+    cfg = T.TEACHER_PRESETS['test']
+    assert r['teachers']['hog']['dim'] == T.hog_dim(cfg.hog_size, cfg.hog_cell, cfg.hog_block, cfg.hog_orientations)
+    assert r['teachers']['jigsaw']['dim'] == r['teachers']['random']['dim'] == r['teachers']['supervised']['dim']
+    feats = lambda name: np.load(tmp_path/'features'/name/'objects_train.npy')
+    before = {n: feats(n) for n in r['teachers']}
+    mtimes = {f: Path(f).stat().st_mtime_ns for t in r['teachers'].values() for f in t['files'].values()}
+    sup_mtime = (tmp_path/'teachers'/'supervised_trunk.pth').stat().st_mtime_ns
+    r2 = run()                                                  # nothing changed: everything reused
+    assert all(all(t['reused'].values()) for t in r2['teachers'].values())
+    assert {f: Path(f).stat().st_mtime_ns for f in mtimes} == mtimes
+    assert (tmp_path/'teachers'/'supervised_trunk.pth').stat().st_mtime_ns == sup_mtime
+    _save_jigsaw(tmp_path, 1)                                   # a retrained Jigsaw++ teacher: its features only
+    r3 = run()
+    assert not any(r3['teachers']['jigsaw']['reused'].values())
+    assert all(all(r3['teachers'][n]['reused'].values()) for n in ('hog', 'random', 'supervised'))
+    assert not np.array_equal(feats('jigsaw'), before['jigsaw'])
+    for n in ('hog', 'random', 'supervised'): np.testing.assert_array_equal(feats(n), before[n])
+
+def test_run_teachers_checkpoint_choice(tmp_path):
+    "Without a Jigsaw++ checkpoint there is no jigsaw teacher (a random trunk is never one); an explicit missing one is an error."
+    assert T.jigsaw_checkpoint(tmp_path) == tmp_path/'jigsaw'/'jigsaw_cfn.pth'
+    legacy = tmp_path/'teachers'/'jigsaw_cfn.pth'; legacy.parent.mkdir(); legacy.write_bytes(b'')
+    assert T.jigsaw_checkpoint(tmp_path) == legacy
+    with pytest.raises(FileNotFoundError, match='nope.pth'):
+        T.run_teachers(tmp_path, 'test', device='cpu', jigsaw_ckpt=tmp_path/'nope.pth')
+    assert list(T.stage_teachers(tmp_path/'empty', 'test', T.TEACHER_PRESETS['test'])) == ['hog', 'random']
+
+def test_supervised_trunk_reused_only_when_made_the_same_way(tmp_path):
+    import dataclasses
+    s = T.teacher_image_sets('test', seed=0)['objects_train']
+    p = tmp_path/'sup.pth'
+    make = lambda images, epochs=1: T.supervised_trunk(images, p, CFG, epochs=epochs, device='cpu', num_workers=0, **SMALL)
+    a = make(s); m = p.stat().st_mtime_ns
+    b = make(s)
+    assert p.stat().st_mtime_ns == m and all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    moved = dataclasses.replace(s, items=[dataclasses.replace(it, label=(it.label + 1) % len(s.classes)) for it in s.items])
+    make(moved); m2 = p.stat().st_mtime_ns
+    assert m2 != m                                      # other labels: trained again
+    make(moved, epochs=2); assert p.stat().st_mtime_ns != m2   # other epochs: trained again
+
+def test_run_teachers_trains_missing_pretext_teacher(tmp_path):
+    "train_jigsaw=True (the default at `tiny` only): the pretext stage's teacher is trained first, then used."
+    from kt_paper.train import digest
+    r = T.run_teachers(tmp_path, 'test', device='cpu', num_workers=0, train_jigsaw=True)
+    ck = tmp_path/'jigsaw'/'jigsaw_cfn.pth'
+    assert ck.exists() and r['teachers']['jigsaw']['teacher']['checkpoint_sha'] == digest(ck)
+    assert T.load_features(r['teachers']['jigsaw']['files']['scenes_val'])[1]['teacher']['checkpoint'] == str(ck)
