@@ -4,7 +4,7 @@
 
 # %% ../nbs/09_clustering.ipynb #6724129d
 from __future__ import annotations
-import contextlib, csv, dataclasses, json, math, time
+import contextlib, csv, dataclasses, math, time
 from pathlib import Path
 from typing import NamedTuple
 import numpy as np

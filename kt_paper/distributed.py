@@ -4,7 +4,7 @@
 
 # %% ../nbs/05_distributed.ipynb #6754e85c
 from __future__ import annotations
-import gc, importlib, json, os, subprocess, sys, tempfile, warnings, weakref
+import gc, importlib, os, subprocess, sys, tempfile, warnings, weakref
 from pathlib import Path
 import torch
 import torch.distributed as dist

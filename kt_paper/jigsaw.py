@@ -4,8 +4,7 @@
 
 # %% ../nbs/07_jigsaw.ipynb #641b9672
 from __future__ import annotations
-import contextlib, dataclasses, itertools, math, time
-from collections import OrderedDict
+import dataclasses, itertools, math, time
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -13,15 +12,12 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from PIL import Image
 import torch.distributed as dist
 from .data import load_rgb
 from .images import resize_centre_crop
-from .nets import alexnet_trunk, vgg16_trunk, cut_at
+from .nets import alexnet_trunk, vgg16_trunk
 from .train import fit, step_lr, one_cycle, one_cycle_mom, checkpoint_state, precision_policy, process_batch_size, digest, image_ids
-from .core import (pick_preset, seed_everything, get_device, cpu_has_bf16, default_num_workers, fingerprint,
-                           atomic_path, save_json, load_json, save_array, save_checkpoint, load_checkpoint, in_test)
+from .core import (pick_preset, seed_everything, get_device, default_num_workers, fingerprint, save_array, save_checkpoint, load_checkpoint)
 
 # %% auto #0
 __all__ = ['COLOUR_POLICIES', 'JIGSAW_PRESETS', 'COLOUR_PROJECTION', 'PRETEXT_VARIANTS', 'PRESET_VARIANTS', 'JigsawConfig',

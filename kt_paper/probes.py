@@ -4,9 +4,8 @@
 
 # %% ../nbs/11_probes.ipynb #3062de1a
 from __future__ import annotations
-import contextlib, copy, dataclasses, time
+import copy, dataclasses, time
 from pathlib import Path
-import numpy as np
 import torch
 from torch import nn
 import torch.nn.functional as F

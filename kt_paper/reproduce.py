@@ -4,7 +4,7 @@
 
 # %% ../nbs/15_reproduce.ipynb #0228d199
 from __future__ import annotations
-import argparse, json, os, shutil, subprocess, sys, time
+import argparse, json, os, shutil, subprocess, time
 from dataclasses import dataclass
 from pathlib import Path
 import kt_paper

@@ -4,8 +4,8 @@
 
 # %% ../nbs/10_student.ipynb #d0b78e19
 from __future__ import annotations
-import contextlib, copy, dataclasses, math, time
-from collections import Counter, OrderedDict
+import dataclasses, time
+from collections import Counter
 from functools import partial
 from pathlib import Path
 import numpy as np
@@ -15,20 +15,15 @@ import torch.nn.functional as F
 from PIL import Image
 from fastai.learner import Learner
 from fastai.data.core import DataLoaders
-from fastai.callback.core import Callback
 from fastai.callback.schedule import ParamScheduler
-from fastai.callback.progress import CSVLogger
 from fastai.optimizer import SGD
 from fastai.metrics import accuracy
-from fastcore.foundation import L
 import torch.distributed as dist
-from .core import (seed_everything, save_checkpoint, load_checkpoint, save_json, load_json, atomic_path,
-                           default_num_workers, get_device, pick_preset, fingerprint)
-from .images import InputNorm, imagenet_normalize
-from .nets import (ALEXNET_CHANNELS, ALEXNET_FC, CONV_LAYERS, AlexNet, scaled, build_alexnet, save_alexnet,
-                           load_alexnet, init_alexnet_, activation_shapes)
+from .core import (seed_everything, save_json, load_json, default_num_workers, get_device, pick_preset, fingerprint)
+from .images import imagenet_normalize
+from .nets import ALEXNET_CHANNELS, ALEXNET_FC, CONV_LAYERS, AlexNet, scaled, build_alexnet, save_alexnet
 from .data import load_rgb
-from .train import (precision_policy, EpochSeed, step_lr, fit, checkpoint_state, process_batch_size, digest, image_ids)
+from .train import EpochSeed, step_lr, fit, checkpoint_state, process_batch_size, digest, image_ids
 from .distributed import DistributedCallback, world_info
 
 # %% auto #0

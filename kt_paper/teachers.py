@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_teachers.ipynb #64682d44
 from __future__ import annotations
-import dataclasses, json, os, time
+import dataclasses, os, time
 from pathlib import Path
 from typing import Callable, Sequence
 import numpy as np
@@ -17,8 +17,7 @@ from .images import InputNorm, imagenet_normalize, resize_centre_crop
 from .train import autocast_for, digest, fit, image_ids, one_cycle, one_cycle_mom
 from .data import load_rgb
 from fastai.callback.schedule import ParamScheduler
-from .core import (pick_preset, get_device, default_num_workers, save_json, load_json,
-                           atomic_path, fingerprint, seed_everything, save_checkpoint, load_checkpoint)
+from .core import (pick_preset, get_device, default_num_workers, save_json, load_json, fingerprint, seed_everything, save_checkpoint, load_checkpoint)
 
 # %% auto #0
 __all__ = ['TEACHER_PRESETS', 'IMAGE_SETS', 'TeacherConfig', 'Teacher', 'hog_dim', 'HOGTeacher', 'hog_teacher', 'pool_features',

@@ -1,8 +1,8 @@
 "Tests of kt_paper.probes: pooled feature sizes, frozen trunks, linear and non-linear probes."
 import pytest, torch
 from dataclasses import replace
-from kt_paper.student import build_alexnet, synthetic_images, STUDENT_PRESETS, CONV_LAYERS
-from kt_paper.nets import layer_outputs
+from kt_paper.student import synthetic_images, STUDENT_PRESETS
+from kt_paper.nets import build_alexnet, CONV_LAYERS, layer_outputs
 from kt_paper.probes import (PROBE_PRESETS, probe_grids, probe_dims, LinearProbes, nonlinear_probe_model,
                              probe_dls, run_linear_probes, run_nonlinear_probe, NL_LAYERS)
 

@@ -7,8 +7,8 @@ from torch import nn
 from fastai.callback.core import Callback, CancelFitException
 from kt_paper.core import seed_everything, load_json
 from kt_paper.train import fit, step_lr, process_batch_size
-from kt_paper.student import (STUDENT_PRESETS, CONV_LAYERS, build_alexnet, activation_shapes, save_alexnet, load_alexnet,
-                              alexnet_from_cfn, balanced_sampler, synthetic_images, train_student, ImageTensorDataset,
+from kt_paper.nets import CONV_LAYERS, build_alexnet, activation_shapes, save_alexnet, load_alexnet
+from kt_paper.student import (STUDENT_PRESETS, alexnet_from_cfn, balanced_sampler, synthetic_images, train_student, ImageTensorDataset,
                               make_student_dls, student_learner, evaluate_top1,
                               read_student_data, run_student_job, decode_image)
 

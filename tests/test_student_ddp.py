@@ -17,7 +17,8 @@ from PIL import Image
 from fastai.callback.core import Callback
 from kt_paper.core import load_json, pick_preset, seed_everything
 from kt_paper.distributed import launch, shard_dataloader
-from kt_paper.student import (STUDENT_PRESETS, build_alexnet, load_alexnet, read_student_data, run_student_job,
+from kt_paper.nets import build_alexnet, load_alexnet
+from kt_paper.student import (STUDENT_PRESETS, read_student_data, run_student_job,
                               synthetic_images, train_student)
 
 TESTS = str(Path(__file__).parent)
