@@ -147,10 +147,10 @@ def jigsaw_teacher(net_or_path,               # a `JigsawNet` or a checkpoint wr
 
 def random_teacher(cfg:TeacherConfig,   # image size, layer, pooling
                    seed:int=0,          # initialisation seed
-                   **build_args         # `kt_paper.jigsaw.build_cfn` arguments (arch, width, conv1_*...)
+                   **build_args         # `kt_paper.nets.build_cfn` arguments (arch, width, conv1_*...)
                   ) -> CNNTeacher:
     "A randomly initialised CFN trunk (the paper-style baseline), cut at `cfg.layer`."
-    from kt_paper.jigsaw import build_cfn
+    from kt_paper.nets import build_cfn
     torch.manual_seed(seed)
     net = build_cfn(**{'init': 'torch', **build_args})
     return CNNTeacher(cut_at(net.trunk, cfg.layer), 'random', cfg.image_size, cfg.pool, cfg.pool_grid, 'image', 1.,
@@ -206,7 +206,7 @@ def train_supervised_teacher(paths:Sequence,        # training images
                              **build_args           # `build_cfn` arguments of the trunk
                             ) -> nn.Sequential:
     "Train a CFN trunk + linear head on the true labels; return the trained trunk."
-    from kt_paper.jigsaw import build_cfn
+    from kt_paper.nets import build_cfn
     from fastai.data.core import DataLoaders
     from fastai.learner import Learner
     from fastai.metrics import accuracy
@@ -354,10 +354,10 @@ def supervised_trunk(images,             # `ImageSet`: training images and their
                      epochs:int=2,       # training epochs
                      seed:int=0, device='auto',
                      num_workers:int|None=None, # DataLoader workers (None: `default_num_workers()`)
-                     **build_args        # `kt_paper.jigsaw.build_cfn` arguments of the trunk
+                     **build_args        # `kt_paper.nets.build_cfn` arguments of the trunk
                     ) -> nn.Sequential:
     "The trunk of `train_supervised_teacher` on `images`, saved to `path`; reused from `path` when made the same way."
-    from kt_paper.jigsaw import build_cfn
+    from kt_paper.nets import build_cfn
     path = Path(path)
     key = fingerprint(cfg.image_size, epochs, seed, build_args, digest(image_ids(images.paths)), digest(images.labels))
     if path.exists():

@@ -6,7 +6,7 @@ from PIL import Image
 warnings.filterwarnings('ignore', category=FutureWarning)
 from kt_paper.jigsaw import *
 from kt_paper.jigsaw import _colour_normalise
-from kt_paper.nets import cut_at
+from kt_paper.nets import cut_at, build_cfn, JigsawNet, JigsawHead
 from kt_paper.train import checkpoint_state
 from kt_paper.core import load_json
 

@@ -44,7 +44,8 @@ def test_layer_choice():
     with pytest.raises(KeyError, match='unknown layer'): T.random_teacher(dataclasses.replace(CFG, layer='fc6'), **SMALL)
 
 def test_jigsaw_teacher_from_checkpoint(tmp_path):
-    from kt_paper.jigsaw import build_cfn, save_jigsaw_net
+    from kt_paper.nets import build_cfn
+    from kt_paper.jigsaw import save_jigsaw_net
     torch.manual_seed(0); net = build_cfn(n_perms=8, init='torch', **SMALL)
     p = save_jigsaw_net(net, tmp_path/'j.pth')
     a, b = T.jigsaw_teacher(p, CFG), T.jigsaw_teacher(net, CFG)
@@ -143,7 +144,8 @@ def test_extraction_pins_threshold_same_output(images, tmp_path, monkeypatch):
     np.testing.assert_array_equal(np.load(f), ref)
 
 def _save_jigsaw(out, seed):
-    from kt_paper.jigsaw import build_cfn, save_jigsaw_net
+    from kt_paper.nets import build_cfn
+    from kt_paper.jigsaw import save_jigsaw_net
     torch.manual_seed(seed)
     return save_jigsaw_net(build_cfn(n_perms=8, init='torch', **T.cfn_args('test')), out/'jigsaw'/'jigsaw_cfn.pth')
 
