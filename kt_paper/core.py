@@ -28,16 +28,25 @@ def preset_name(name:str) -> str:
     return name
 
 # %% ../nbs/00_core.ipynb #6680b616
+def _replace_fields(cfg, overrides:dict):
+    names = [f.name for f in dataclasses.fields(cfg)]
+    bad = [k for k in overrides if k not in names]
+    if bad: raise TypeError(f"{type(cfg).__name__} has no field(s) {bad}; its fields: {names}")
+    new = {}
+    for k, v in overrides.items():
+        cur = getattr(cfg, k)
+        if dataclasses.is_dataclass(cur) and isinstance(v, dict): v = _replace_fields(cur, v)   # a nested group
+        elif isinstance(cur, tuple) and isinstance(v, list): v = tuple(v)                        # from JSON or TOML
+        new[k] = v
+    return dataclasses.replace(cfg, **new)
+
 def pick_preset(presets:dict, # preset name -> frozen dataclass of hyperparameters
                 name:str,      # which preset
-                **overrides    # fields to replace (e.g. `epochs=1`)
+                **overrides    # fields to replace (e.g. `epochs=1`; a dict for a nested dataclass field)
                ):
     "The hyperparameters of preset `name` from `presets`, with `overrides` applied."
     if name not in presets: raise KeyError(f"preset {name!r} is not defined here; known: {sorted(presets)}")
-    cfg = presets[name]
-    bad = [k for k in overrides if k not in {f.name for f in dataclasses.fields(cfg)}]
-    if bad: raise TypeError(f"{type(cfg).__name__} has no field(s) {bad}")
-    return dataclasses.replace(cfg, **overrides)
+    return _replace_fields(presets[name], overrides)
 
 # %% ../nbs/00_core.ipynb #4d2b4ce2
 def seed_everything(seed:int=0, # the one seed of a run
