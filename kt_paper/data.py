@@ -13,12 +13,13 @@ from PIL import Image, ImageOps
 from .core import atomic_path, pick_preset
 
 # %% auto #0
-__all__ = ['IMG_EXTS', 'VOC_CLASSES', 'DATA_PRESETS', 'ROLES', 'ROLE_SPLITS', 'SHEET_SPLITS', 'SHEET_SIZES', 'DataError',
-           'ImageReadError', 'AnnotationError', 'load_rgb', 'ImageItem', 'ImageSet', 'read_class_folder',
+__all__ = ['IMG_EXTS', 'VOC_CLASSES', 'DATA_PRESETS', 'ROLES', 'ROLE_SPLITS', 'ROLE_LAYOUTS', 'SHEET_SPLITS', 'SHEET_SIZES',
+           'DataError', 'ImageReadError', 'AnnotationError', 'load_rgb', 'ImageItem', 'ImageSet', 'read_class_folder',
            'read_unlabeled', 'read_tiny_imagenet', 'read_image_set', 'VOCObject', 'VOCAnnotation', 'parse_voc_xml',
            'voc_class_labels', 'VOCSet', 'voc_dir', 'read_voc', 'read_voc_class_files', 'voc_colormap', 'SegSet',
-           'read_voc_segmentation', 'load_mask', 'verify_images', 'DataConfig', 'dataset_roots', 'read_role',
-           'show_class_samples', 'show_voc_samples', 'show_seg_samples', 'save_sample_sheets', 'run_data']
+           'read_voc_segmentation', 'load_mask', 'verify_images', 'DataConfig', 'role_env', 'dataset_roots',
+           'read_role', 'check_roles', 'show_class_samples', 'show_voc_samples', 'show_seg_samples',
+           'save_sample_sheets', 'run_data']
 
 # %% ../nbs/01_data.ipynb #b5738ba2
 class DataError(Exception):
@@ -421,20 +422,25 @@ DATA_PRESETS = {
 # %% ../nbs/01_data.ipynb #ebcc6459
 ROLES = ('imagenet', 'places', 'voc07', 'voc12')
 
+def role_env(role:str) -> str:
+    "The environment variable that points data role `role` at a folder of your own, e.g. `KT_PAPER_DATA_IMAGENET`."
+    return f'KT_PAPER_DATA_{role.upper()}'
+
 def dataset_roots(cfg:DataConfig,                 # the preset's data configuration
                   data_root:str|Path|None=None,   # folder of the real datasets (default: `$KT_PAPER_DATA`)
                   seed:int=0,                     # seed of the built-in dataset
                   builtin_dir:str|Path|None=None, # where the built-in dataset lives (default: `synthetic.builtin_root(seed, scale)`)
                   check:bool=True                 # raise if a folder does not exist
                  ) -> dict:
-    "Map each role ('imagenet', 'places', 'voc07', 'voc12') to its folder, generating the built-in dataset if used."
+    "Map each role ('imagenet', 'places', 'voc07', 'voc12') to its folder (`$KT_PAPER_DATA_<ROLE>` first), making the built-in dataset if used."
     data_root = data_root or os.environ.get('KT_PAPER_DATA')
     out = {}
     for role in ROLES:
-        spec = getattr(cfg, role)
+        spec = os.environ.get(role_env(role)) or getattr(cfg, role)
         if spec.startswith('builtin:'):
             from kt_paper.synthetic import ensure_builtin_dataset   # imported here: `synthetic` imports this module
             p = ensure_builtin_dataset(builtin_dir, seed, cfg.builtin_scale)/spec[len('builtin:'):]
+        elif Path(spec).expanduser().is_absolute(): p = Path(spec).expanduser()
         elif data_root is None: raise DataError(f"role {role!r} needs the real dataset {spec!r}: pass data_root (DATA_ROOT) or set $KT_PAPER_DATA")
         else: p = Path(data_root)/spec
         if check and not p.is_dir(): raise DataError(f"{p}: folder for role {role!r} not found")
@@ -453,6 +459,29 @@ def read_role(role:str,        # one of `ROLES`
     if role == 'voc07': return read_voc(root, split, '2007')
     if role == 'voc12': return read_voc_segmentation(root, split, '2012')
     raise ValueError(f"unknown data role {role!r}; expected one of {ROLES}")
+
+# %% ../nbs/01_data.ipynb #0fac13a3
+ROLE_LAYOUTS = dict(
+    imagenet='class folders <dir>/train/<class>/*.jpg and <dir>/val/<class>/*.jpg (or the Tiny-ImageNet layout)',
+    places='class folders <dir>/train/<class>/*.jpg and <dir>/val/<class>/*.jpg',
+    voc07='a VOC2007 folder: JPEGImages/, Annotations/*.xml, ImageSets/Main/trainval.txt and test.txt',
+    voc12='a VOC2012 folder: JPEGImages/, SegmentationClass/*.png, ImageSets/Segmentation/train.txt and val.txt')
+
+def check_roles(roots:dict # role -> folder, e.g. from `dataset_roots(..., check=False)`
+               ) -> list[str]:
+    "Every problem found reading each split of each role of `roots` (empty when all is well)."
+    problems = []
+    for role, root in roots.items():
+        if role not in ROLES: problems.append(f"{role!r} is not a data role; roles: {list(ROLES)}"); continue
+        errs = []
+        if not Path(root).is_dir(): errs.append('folder not found')
+        else:
+            for split in ROLE_SPLITS[role]:
+                try:
+                    if not len(read_role(role, root, split)): errs.append(f'split {split!r} has no images')
+                except Exception as e: errs.append(f'split {split!r}: {e}')
+        if errs: problems.append(f"{role} = {root}: {'; '.join(errs)}\n    expected {ROLE_LAYOUTS[role]}")
+    return problems
 
 # %% ../nbs/01_data.ipynb #3544f6ad
 def _grid(n:int, ncols:int, size:float=1.6):

@@ -371,12 +371,14 @@ def run_student(out:str|Path,               # run folder: students go to `<out>/
                 clustered_on:str='objects_train', # the CC students' centres were fitted on this feature set
                 cc_teachers:str='jigsaw,hog,vgg_jigsaw', # teachers that get a CC student ('all': every clustered one)
                 standin:bool=False,         # no clustering: train one student on stand-in labels (tests only)
-                quiet:bool=False) -> dict:
+                quiet:bool=False,
+                **overrides                 # `StudentConfig` fields to change (every student of the stage)
+               ) -> dict:
     "Train every student of the stage; return `students`, `ablation` (name -> metrics), `made` and `skipped`."
     from kt_paper.data import DATA_PRESETS, dataset_roots
     from kt_paper.distributed import launch
     log = (lambda *a: None) if quiet else print
-    cfg, out = pick_preset(STUDENT_PRESETS, preset), Path(out)
+    cfg, out = pick_preset(STUDENT_PRESETS, preset, **overrides), Path(out)
     sdir = out/'student'
     roots = dataset_roots(pick_preset(DATA_PRESETS, preset), data_root, seed=seed, check=False)
     root, scenes_root = roots['imagenet'], roots['places']
@@ -386,7 +388,7 @@ def run_student(out:str|Path,               # run folder: students go to `<out>/
     log(f"objects = {root}: {len(tp)} train / {len(vp)} val images, {len(classes)} classes; scenes = {scenes_root}")
     def train_one(name, data, ytr=None, yva=None, k=None, imgs=None):
         kw = dict(out_dir=str(sdir/name), root=str(data), train_labels=ytr, val_labels=yva, n_classes=k, preset=preset,
-                  seed=seed, device=device)
+                  seed=seed, device=device, **overrides)
         if gpus <= 1: kw['images'] = imgs
         r = launch('kt_paper.student:run_student_job', kw, nproc=gpus)
         log(f"{name}: val top-1 {r['val_top1']:.3f} ({r['n_classes']} classes, {r['train_images']} train images, {r['seconds']}s)")
