@@ -1,0 +1,132 @@
+"""The `kt-paper` command line: settings (--set, --config), notebook parameters (-p), data roles (--data), caching."""
+import json, shutil
+from pathlib import Path
+import pytest
+from kt_paper.core import load_json
+from kt_paper.reproduce import main, find_stages, notebook_parameters
+
+PARAMS = "PRESET = 'tiny'\nOUT_DIR = None\nSEED = 0\nOVERRIDES = '{}'\nTEACHERS = 'auto'"
+
+def _toy_nb(path, body, params=PARAMS):
+    cells = [dict(cell_type='code', metadata=dict(tags=['parameters']), outputs=[], execution_count=None, source=params),
+             dict(cell_type='code', metadata={}, outputs=[], execution_count=None, source=body)]
+    nb = dict(cells=cells, nbformat=4, nbformat_minor=4,
+              metadata=dict(kernelspec=dict(name='python3', language='python', display_name='python3')))
+    Path(path).write_text(json.dumps(nb))
+
+@pytest.fixture
+def toy(tmp_path):
+    "Three toy stages that record what reached them: `<out>/<stage>.json` holds OVERRIDES and TEACHERS."
+    nbs = tmp_path/'nbs'; nbs.mkdir()
+    for nb, name in (('01_data', 'data'), ('09_clustering', 'clustering'), ('10_student', 'student')):
+        _toy_nb(nbs/f'{nb}.ipynb', "import json, os\nfrom pathlib import Path\n"
+                f"Path(OUT_DIR, '{name}.json').write_text(json.dumps(dict(overrides=json.loads(OVERRIDES), teachers=TEACHERS, "
+                "imagenet=os.environ.get('KT_PAPER_DATA_IMAGENET'))))")
+    return tmp_path
+
+def _cli(toy, *args):
+    main(['reproduce', '--preset', 'test', '--out', str(toy/'run'), '--fig-dir', str(toy/'fig'), '--nbs-path', str(toy/'nbs'), *args])
+    return load_json(toy/'run'/'manifest.json')
+
+def _seen(toy, stage): return load_json(toy/'run'/f'{stage}.json')
+
+def _ran(m): return {n: not v['cached'] for n, v in m['stages'].items()}
+
+def test_set_reaches_its_stage_and_reruns_it_and_later_ones(toy, capsys):
+    m = _cli(toy)
+    assert _ran(m) == dict(data=True, clustering=True, student=True)
+    m = _cli(toy, '--set', 'clustering.k=5', '--set', 'clustering.whiten=false')
+    assert _ran(m) == dict(data=False, clustering=True, student=True)
+    assert _seen(toy, 'clustering')['overrides'] == dict(k=5, whiten=False) and _seen(toy, 'student')['overrides'] == {}
+    assert m['overrides'] == dict(clustering=dict(k=5, whiten=False))
+    out = capsys.readouterr().out
+    assert "setting --set clustering.k=5" in out and 'stage' in out and 'total' in out   # printed at start; the summary table
+    assert not any(_ran(_cli(toy, '--set', 'clustering.k=5', '--set', 'clustering.whiten=false')).values())
+    m = _cli(toy, '--set', 'student.lr_milestones=3,4')
+    assert _ran(m) == dict(data=False, clustering=True, student=True)   # clustering back to its preset
+    assert _seen(toy, 'student')['overrides'] == dict(lr_milestones=[3, 4])
+
+@pytest.mark.parametrize('setting, message', [
+    ('clustering.kk=5', "ClusterConfig has no field 'kk'; its fields: ['k',"),
+    ('clustering.k=five', "clustering.k: 'five' is not a valid int"),
+    ('clustering.whiten=maybe', 'use true or false'),
+    ('kmeans.k=5', "no stage 'kmeans'; stages: ['data', 'jigsaw'"),
+    ('clustering.k', 'expected stage.field=value'),
+    ('transfer.cls=3', 'is a group of settings'),
+])
+def test_bad_settings_are_usage_errors(toy, capsys, setting, message):
+    with pytest.raises(SystemExit) as e: _cli(toy, '--set', setting)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+    assert not (toy/'run'/'manifest.json').exists()    # nothing ran
+
+def test_setting_a_stage_the_run_lacks_or_that_takes_no_overrides(toy, capsys):
+    with pytest.raises(SystemExit): _cli(toy, '--set', 'jigsaw.iterations=3')
+    assert "which this run does not have" in capsys.readouterr().err
+    _toy_nb(toy/'nbs'/'07_jigsaw.ipynb', 'x = 1', params="PRESET='tiny'; OUT_DIR=None")
+    with pytest.raises(SystemExit): _cli(toy, '--set', 'jigsaw.iterations=3')
+    assert "07_jigsaw.ipynb takes no OVERRIDES parameter" in capsys.readouterr().err
+
+def test_config_file_and_set_on_top(toy, capsys):
+    cfg = toy/'run.toml'
+    cfg.write_text('[clustering]\nk = 4\nniter = 3\n\n[params]\nTEACHERS = "hog"\n')
+    _cli(toy, '--config', str(cfg), '--set', 'clustering.k=6')
+    assert _seen(toy, 'clustering') == dict(overrides=dict(k=6, niter=3), teachers='hog', imagenet=None)
+    cfg.write_text('[clustering]\nk = "four"\n')
+    with pytest.raises(SystemExit): _cli(toy, '--config', str(cfg))
+    assert "run.toml: clustering.k: 'four' is not a valid int" in capsys.readouterr().err
+    with pytest.raises(SystemExit): _cli(toy, '--config', str(toy/'none.toml'))
+    assert 'no such file' in capsys.readouterr().err
+
+def test_param_forwarding_and_unknown_names(toy, capsys):
+    m = _cli(toy, '-p', 'TEACHERS=hog,random')
+    assert _seen(toy, 'clustering')['teachers'] == 'hog,random' and _seen(toy, 'data')['teachers'] == 'hog,random'
+    m = _cli(toy, '-p', 'TEACHERS=hog,random', '-p', 'clustering.TEACHERS=hog')   # the later, for one stage, wins there
+    assert _ran(m) == dict(data=False, clustering=True, student=True) and _seen(toy, 'clustering')['teachers'] == 'hog'
+    assert m['notebook_parameters']['clustering'] == dict(TEACHERS='hog')
+    with pytest.raises(SystemExit): _cli(toy, '-p', 'NOPE=1')
+    err = capsys.readouterr().err
+    assert "no stage declares 'NOPE'" in err and "clustering: ['TEACHERS']" in err
+    with pytest.raises(SystemExit): _cli(toy, '-p', 'SEED=3')
+    assert 'use --seed' in capsys.readouterr().err
+
+def test_data_roles_checked_up_front_and_passed_on(toy, capsys):
+    from kt_paper.synthetic import ensure_builtin_dataset
+    mine = toy/'my_objects'; shutil.copytree(ensure_builtin_dataset(None, 0, 'test')/'objects', mine)
+    m = _cli(toy, '--data', f'imagenet={mine}')
+    assert _seen(toy, 'student')['imagenet'] == str(mine) and m['data_roles'] == dict(imagenet=str(mine))
+    assert not any(_ran(_cli(toy, '--data', f'imagenet={mine}')).values())
+    assert all(_ran(_cli(toy)).values())                      # back to the preset's data: everything re-runs
+    with pytest.raises(SystemExit): _cli(toy, '--data', f'imagenet={toy/"nowhere"}', '--data', f'voc07={mine}', '--data', 'coco=/x')
+    assert 'not a data role' in capsys.readouterr().err
+    with pytest.raises(SystemExit): _cli(toy, '--data', f'imagenet={toy/"nowhere"}', '--data', f'voc07={mine}')
+    err = capsys.readouterr().err
+    assert 'imagenet = ' in err and 'folder not found' in err and 'voc07 = ' in err and err.count('expected') == 2
+
+def test_data_role_reaches_the_real_data_stage(tmp_path, monkeypatch):
+    "`--data` on the real data notebook: the stage reads the given folder (through $KT_PAPER_DATA_<ROLE>)."
+    from kt_paper.synthetic import ensure_builtin_dataset
+    monkeypatch.setenv('IN_TEST', '1')
+    mine = tmp_path/'my_places'; shutil.copytree(ensure_builtin_dataset(None, 0, 'test')/'scenes', mine)
+    main(['reproduce', '--preset', 'test', '--out', str(tmp_path/'run'), '--fig-dir', str(tmp_path/'fig'),
+          '--only', 'data', '--data', f'places={mine}'])
+    nb = json.loads((tmp_path/'run'/'notebooks'/'01_data.ipynb').read_text())
+    text = ''.join(''.join(o.get('text', '')) for c in nb['cells'] if c['cell_type'] == 'code' for o in c.get('outputs', []))
+    assert f'<- {mine}' in text, text[:2000]
+
+def test_every_real_stage_forwards_its_overrides():
+    for st in find_stages():
+        if st.name == 'transfer' and 'OVERRIDES' not in notebook_parameters(st.notebook): continue   # not yet wired
+        assert 'OVERRIDES' in notebook_parameters(st.notebook), st.notebook.name
+        code = '\n'.join(''.join(c['source']) for c in json.loads(st.notebook.read_text())['cells'] if c['cell_type'] == 'code')
+        assert 'json.loads(OVERRIDES)' in code, st.notebook.name
+
+def test_small_commands(capsys):
+    with pytest.raises(SystemExit) as e: main(['--version'])
+    assert e.value.code == 0 and 'kt-paper' in capsys.readouterr().out
+    main(['stages']); out = capsys.readouterr().out
+    assert 'clustering' in out and '--set clustering.<ClusterConfig field>' in out and 'PROBE_SETS' in out
+    main(['config', '--preset', 'test', '--stage', 'clustering', '--set', 'clustering.k=5'])
+    assert 'k = 5  # changed' in capsys.readouterr().out
+    main(['config', '--preset', 'test', '--set', 'transfer.cls.iters=7'])
+    out = capsys.readouterr().out
+    assert '[transfer.cls]' in out and 'iters = 7  # changed' in out and '[student]' in out
