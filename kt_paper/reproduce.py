@@ -229,7 +229,7 @@ def parse_settings(items:list,      # 'stage.field=value' strings (`--set`)
         add_setting(overrides, k.strip(), v, preset)
     return overrides
 
-# %% ../nbs/15_reproduce.ipynb #77a45943
+# %% ../nbs/15_reproduce.ipynb #7e9e8b41
 def _flatten(d:dict, prefix:str='') -> list:
     out = []
     for k, v in d.items():
@@ -249,7 +249,8 @@ def read_config(path:str|Path, # a .toml (or .yaml/.yml) file
             except ImportError: raise SettingsError(f"{path}: YAML needs PyYAML (pip install pyyaml); or write TOML") from None
             raw = yaml.safe_load(path.read_text()) or {}
         else:
-            import tomllib
+            try: import tomllib
+            except ImportError: import tomli as tomllib   # Python 3.10
             raw = tomllib.loads(path.read_text())
     except (ValueError, SyntaxError) as e:   # tomllib.TOMLDecodeError and yaml.YAMLError's parse errors
         raise SettingsError(f"{path}: not a valid config file: {e}") from None

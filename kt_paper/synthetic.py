@@ -4,7 +4,8 @@
 
 # %% ../nbs/02_synthetic.ipynb #7df247eb
 from __future__ import annotations
-import fcntl, os, shutil, tempfile
+import os, shutil, tempfile
+from filelock import FileLock
 import xml.etree.ElementTree as ET
 from pathlib import Path
 import numpy as np
@@ -545,8 +546,7 @@ def ensure_builtin_dataset(root:str|Path|None=None, # destination; None: `builti
     final = Path(root) if root is not None else builtin_root(seed, scale)
     if _complete(final, seed, scale): return final
     final.parent.mkdir(parents=True, exist_ok=True)
-    with open(final.parent/f'.{final.name}.lock', 'w') as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)             # released when the file closes, even if this process dies
+    with FileLock(final.parent/f'.{final.name}.lock'):   # an OS lock: released even if this process dies
         if _complete(final, seed, scale): return final   # another process finished it while we waited
         if final.exists():
             if any(final.iterdir()): raise DataError(f"{final}: exists but is not a complete built-in dataset (no builtin.json); remove it")
