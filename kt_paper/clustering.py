@@ -201,7 +201,7 @@ def resolve_backend(backend:str='auto') -> str:
 # %% ../nbs/09_clustering.ipynb #4c8656cd
 def _split_empty(C:torch.Tensor, counts:torch.Tensor, g:torch.Generator, eps:float=1/1024) -> int:
     "Re-seed empty clusters faiss-style (copy a centre picked by size, perturb both); returns the number split."
-    k, n, nsplit = len(C), int(counts.sum()), 0
+    nsplit = 0
     counts = counts.clone().double().cpu()
     sign = torch.ones(C.shape[1], device=C.device); sign[1::2] = -1
     for ci in torch.nonzero(counts == 0).flatten().tolist():
@@ -407,7 +407,7 @@ def plot_cluster_grid(paths:list,              # image paths, one per pseudo-lab
                       title:str|None=None      # figure title
                      ):
     "A grid of random member images, one row per cluster; returns the matplotlib figure."
-    import matplotlib; import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt
     from PIL import Image
     rng = np.random.default_rng(seed); labels = np.asarray(labels)
     if clusters is None:
