@@ -12,8 +12,10 @@ from .core import atomic_path
 
 # %% auto #0
 __all__ = ['NOT_GIVEN', 'NOT_RECOVERED', 'PAPER', 'MODEL_ROWS', 'DOMAIN_NAMES', 'PROBE_SETS', 'K_PATTERN', 'DOMAIN_PATTERN',
-           'ComparisonTable', 'markdown_table', 'csv_table', 'write_table', 'to_markdown', 'to_csv', 'to_latex',
-           'write_comparison', 'paper_table', 'collect_results', 'write_report', 'pca_2d', 'pipeline_figure',
+           'STUDENT_LABELS', 'TRANSFER_COLUMNS', 'ComparisonTable', 'markdown_table', 'csv_table', 'write_table',
+           'to_markdown', 'to_csv', 'to_latex', 'write_comparison', 'paper_table', 'collect_results', 'write_report',
+           'student_label', 'transfer_rows', 'describe_setup', 'transfer_cell', 'write_transfer_table',
+           'ablation_students', 'k_ablation_rows', 'domain_ablation_rows', 'pca_2d', 'pipeline_figure',
            'pipeline_figure_from_run', 'conv1_filters_figure', 'training_curves_figure']
 
 # %% ../nbs/15_report.ipynb #a6ede1a0
@@ -234,6 +236,84 @@ def write_report(out:str|Path, fig_dir:str|Path) -> list[Path]:
         t.rows, t.cols = rows, cols
         paths += write_comparison(t, fig_dir)
     return paths
+
+# %% ../nbs/15_report.ipynb #5c2c41f0
+STUDENT_LABELS = {'random': 'Random', 'jigsaw_direct': 'Jigsaw++ (direct)', 'supervised': 'Supervised',
+                  'random_standin': 'Random AlexNet (stand-in: no student checkpoints found)'}
+
+def student_label(name:str) -> str:
+    "The table label of a student folder name (`cc_hog` -> `CC+hog`)."
+    return STUDENT_LABELS.get(name, f"CC+{name[3:]}" if name.startswith('cc_') else name)
+
+# %% ../nbs/15_report.ipynb #cbc94dff
+def transfer_rows(results:dict, # student name -> protocol -> result (from `transfer_student`)
+                  use_07:bool=True) -> list[dict]:
+    "One row per student: classification mAP, detection mAP (SS, MS), segmentation mIoU (fractions), and wall times."
+    rows, k = [], 'map_11pt' if use_07 else 'map_allpt'
+    for name, r in results.items():
+        g = lambda p, f: r[p][f] if p in r else None
+        rows.append(dict(student=name, model=student_label(name), cls_map=g('cls', k), det_ss_map=g('det_ss', k),
+                         det_ms_map=g('det_ms', k), seg_miou=g('seg', 'miou'),
+                         seconds=round(sum(v['seconds']['total'] for v in r.values()), 1),
+                         cpu_seconds=round(sum(v['seconds'].get('cpu', 0) for v in r.values()), 1)))
+    return rows
+
+def describe_setup(cfg,                     # a `transfer.TransferConfig`
+                   preset:str, seed:int,    # what the run was called with
+                   results:dict|None=None   # student name -> protocol -> result: adds the image and class counts
+                  ) -> str:
+    "One paragraph naming splits, image counts, crops, schedules, preset, seed and metric variant."
+    c, d, s = cfg.cls, cfg.det, cfg.seg
+    n = next(iter(results.values()), {}) if results else {}
+    cnt = lambda p: f" ({n[p]['n_train']} train / {n[p]['n_test']} test images)" if p in n else ''
+    ms = lambda m: f"{list(m)[:3]}{'…' if len(m) > 3 else ''}"
+    ap = '11-point' if cfg.use_07_metric else 'all-point'
+    ncls = f" over the {n['cls']['n_defined']} classes with a test positive" if 'cls' in n else ''
+    return (f"Preset `{preset}`, seed {seed}, final-step models. "
+            f"**Classification**: VOC07 {c.train_split} → {c.test_split}{cnt('cls')}, {c.iters} steps × {c.bs}, "
+            f"lr {c.lr} ×{c.gamma} at steps {ms(c.milestones)}, {c.crop}-px crops after rescaling ×{c.scale_range}, "
+            f"test score = mean of {c.test_crops} random crops; {ap} mAP{ncls}. "
+            f"**Detection**: Faster R-CNN (RPN proposals) on the conv trunk, VOC07 {d.train_split} → {d.test_split}{cnt('det_ss')}, "
+            f"{d.iters} steps × {d.bs} images, lr {d.lr} ×{d.gamma} at {ms(d.milestones)}, SS short side {d.min_size} "
+            f"(max {d.max_size}), MS {list(d.ms_scales)}; {ap} AP at IoU 0.5, difficult objects ignored. "
+            f"**Segmentation**: FCN-32s, VOC12 {s.train_split} → {s.test_split}{cnt('seg')}, {s.iters} steps × {s.bs}, "
+            f"lr {s.lr} ×{s.gamma} at {ms(s.milestones)}, {s.crop}-px crops; mIoU over 21 classes, 255 ignored.")
+
+def transfer_cell(key:str, v) -> str:
+    "A Markdown cell of the transfer tables: scores (fractions) as percentages, seconds as they are, missing as `—`."
+    if v is None or (isinstance(v, float) and math.isnan(v)): return '—'
+    return f"{100*v:.1f}" if isinstance(v, float) and key not in ('seconds', 'cpu_seconds') else str(v)
+
+def write_transfer_table(rows:list[dict], columns:dict, stem:str|Path, caption:str='') -> str:
+    "`write_table` with the transfer tables' cells: `<stem>.md` (caption + table) and `<stem>.csv` (raw values)."
+    return write_table(rows, columns, stem, caption, fmt=transfer_cell)
+
+TRANSFER_COLUMNS = dict(model='Model', cls_map='VOC07 cls mAP', det_ss_map='VOC07 det mAP (SS)', det_ms_map='VOC07 det mAP (MS)',
+                        seg_miou='VOC12 seg mIoU', seconds='wall s', cpu_seconds='CPU s')
+
+# %% ../nbs/15_report.ipynb #ec02215f
+def ablation_students(students:dict) -> tuple[dict, dict]:
+    "Split student name -> checkpoint into the k ablation `{(teacher, k): path}` and the domain one `{(teacher, clustered, labelled): path}`."
+    ks, dom = {}, {}
+    for n, p in students.items():
+        if (m := K_PATTERN.match(n)): ks[(m['teacher'], int(m['k']))] = p
+        elif (m := DOMAIN_PATTERN.match(n)): dom[(m['teacher'], m['clustered'], m['labelled'])] = p
+    return dict(sorted(ks.items())), dict(sorted(dom.items()))
+
+def k_ablation_rows(results:dict, use_07:bool=True) -> list[dict]:
+    "Rows (teacher, k, VOC07 cls mAP) from `student name -> {'cls': result}` for the `cc_<teacher>_k<k>` students."
+    key, rows = 'map_11pt' if use_07 else 'map_allpt', []
+    for n, r in results.items():
+        if (m := K_PATTERN.match(n)) and 'cls' in r: rows.append(dict(teacher=m['teacher'], k=int(m['k']), cls_map=r['cls'][key]))
+    return sorted(rows, key=lambda r: (r['teacher'], r['k']))
+
+def domain_ablation_rows(results:dict, use_07:bool=True) -> list[dict]:
+    "Rows (teacher, clustered on, labelled, VOC07 cls mAP) for the `cc_<teacher>_<clustered>-<labelled>` students."
+    key, rows = 'map_11pt' if use_07 else 'map_allpt', []
+    for n, r in results.items():
+        if (m := DOMAIN_PATTERN.match(n)) and 'cls' in r:
+            rows.append(dict(teacher=m['teacher'], clustered=m['clustered'], labelled=m['labelled'], cls_map=r['cls'][key]))
+    return sorted(rows, key=lambda r: (r['teacher'], r['clustered'], r['labelled']))
 
 # %% ../nbs/15_report.ipynb #e82fe997
 def pca_2d(x:np.ndarray, # (n, d) features

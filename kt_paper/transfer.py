@@ -4,7 +4,7 @@
 
 # %% ../nbs/14_transfer.ipynb #aa84ee1a
 from __future__ import annotations
-import dataclasses, math, os, time
+import dataclasses, os, time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,17 +20,16 @@ from .finetune import (VOCImage, read_voc_split, class_labels, read_voc_seg_spli
                                model_digest, voc_digest, resize_short, random_crop_flip, eval_layout, nonempty_split,
                                run_seconds)
 from .metrics import classification_map, detection_map, confusion_matrix, iou_per_class, mean_iou
-from .report import K_PATTERN, DOMAIN_PATTERN, write_table
+from .report import (K_PATTERN, DOMAIN_PATTERN, student_label, transfer_rows, describe_setup, write_transfer_table,
+                             TRANSFER_COLUMNS, ablation_students, k_ablation_rows, domain_ablation_rows)
 from .train import autocast_for, digest, image_ids, precision_policy
 
 # %% auto #0
-__all__ = ['TRANSFER_PRESETS', 'STUDENT_LABELS', 'PROTOCOLS', 'TRANSFER_COLUMNS', 'ClsConfig', 'DetConfig', 'SegConfig',
-           'TransferConfig', 'student_label', 'find_students', 'TrunkClassifier', 'masked_bce', 'cls_view', 'ClsDraws',
-           'predict_classification', 'voc07_classification', 'FCN32', 'read_mask', 'seg_view', 'SegDraws', 'seg_loss',
-           'predict_segmentation', 'voc12_segmentation', 'build_detector', 'det_target', 'to_voc_boxes', 'DetDraws',
-           'det_collate', 'det_loss', 'predict_detection', 'voc07_detection', 'run_protocol', 'transfer_student',
-           'transfer_rows', 'describe_setup', 'transfer_cell', 'write_transfer_table', 'ablation_students',
-           'k_ablation_rows', 'domain_ablation_rows', 'run_transfer']
+__all__ = ['TRANSFER_PRESETS', 'PROTOCOLS', 'ClsConfig', 'DetConfig', 'SegConfig', 'TransferConfig', 'find_students',
+           'TrunkClassifier', 'masked_bce', 'cls_view', 'ClsDraws', 'predict_classification', 'voc07_classification',
+           'FCN32', 'read_mask', 'seg_view', 'SegDraws', 'seg_loss', 'predict_segmentation', 'voc12_segmentation',
+           'build_detector', 'det_target', 'to_voc_boxes', 'DetDraws', 'det_collate', 'det_loss', 'predict_detection',
+           'voc07_detection', 'run_protocol', 'transfer_student', 'run_transfer']
 
 # %% ../nbs/14_transfer.ipynb #047659f5
 @dataclass(frozen=True)
@@ -141,14 +140,7 @@ TRANSFER_PRESETS = {
         seg=SegConfig(iters=3, bs=2, lr=1e-2, milestones=(2,), crop=48, head_dim=32), ckpt_every=2),
 }
 
-# %% ../nbs/14_transfer.ipynb #25eb45e1
-STUDENT_LABELS = {'random': 'Random', 'jigsaw_direct': 'Jigsaw++ (direct)', 'supervised': 'Supervised',
-                  'random_standin': 'Random AlexNet (stand-in: no student checkpoints found)'}
-
-def student_label(name:str) -> str:
-    "The table label of a student folder name (`cc_hog` -> `CC+hog`)."
-    return STUDENT_LABELS.get(name, f"CC+{name[3:]}" if name.startswith('cc_') else name)
-
+# %% ../nbs/14_transfer.ipynb #cff6475f
 def find_students(student_dir:str|Path) -> dict[str, Path]:
     "name -> `final.pth` of every student under `student_dir` (sorted; empty when the folder is missing)."
     d = Path(student_dir)
@@ -448,73 +440,6 @@ def transfer_student(name:str,             # the student's name (table row)
         for n in _CHECKPOINT_FILES: (run_dir/n).unlink(missing_ok=True)
         r.update(key=key, student=name, preset=preset, data=str(voc), curve=str(run_dir/'history.csv')); save_json(r, f); res[p] = r
     return res
-
-# %% ../nbs/14_transfer.ipynb #291e6b74
-def transfer_rows(results:dict, # student name -> protocol -> result (from `transfer_student`)
-                  use_07:bool=True) -> list[dict]:
-    "One row per student: classification mAP, detection mAP (SS, MS), segmentation mIoU (fractions), and wall times."
-    rows, k = [], 'map_11pt' if use_07 else 'map_allpt'
-    for name, r in results.items():
-        g = lambda p, f: r[p][f] if p in r else None
-        rows.append(dict(student=name, model=student_label(name), cls_map=g('cls', k), det_ss_map=g('det_ss', k),
-                         det_ms_map=g('det_ms', k), seg_miou=g('seg', 'miou'),
-                         seconds=round(sum(v['seconds']['total'] for v in r.values()), 1),
-                         cpu_seconds=round(sum(v['seconds'].get('cpu', 0) for v in r.values()), 1)))
-    return rows
-
-def describe_setup(cfg:TransferConfig, preset:str, seed:int, results:dict|None=None) -> str:
-    "One paragraph naming splits, image counts, crops, schedules, preset, seed and metric variant."
-    c, d, s = cfg.cls, cfg.det, cfg.seg
-    n = next(iter(results.values()), {}) if results else {}
-    cnt = lambda p: f" ({n[p]['n_train']} train / {n[p]['n_test']} test images)" if p in n else ''
-    ms = lambda m: f"{list(m)[:3]}{'…' if len(m) > 3 else ''}"
-    ap = '11-point' if cfg.use_07_metric else 'all-point'
-    ncls = f" over the {n['cls']['n_defined']} classes with a test positive" if 'cls' in n else ''
-    return (f"Preset `{preset}`, seed {seed}, final-step models. "
-            f"**Classification**: VOC07 {c.train_split} → {c.test_split}{cnt('cls')}, {c.iters} steps × {c.bs}, "
-            f"lr {c.lr} ×{c.gamma} at steps {ms(c.milestones)}, {c.crop}-px crops after rescaling ×{c.scale_range}, "
-            f"test score = mean of {c.test_crops} random crops; {ap} mAP{ncls}. "
-            f"**Detection**: Faster R-CNN (RPN proposals) on the conv trunk, VOC07 {d.train_split} → {d.test_split}{cnt('det_ss')}, "
-            f"{d.iters} steps × {d.bs} images, lr {d.lr} ×{d.gamma} at {ms(d.milestones)}, SS short side {d.min_size} "
-            f"(max {d.max_size}), MS {list(d.ms_scales)}; {ap} AP at IoU 0.5, difficult objects ignored. "
-            f"**Segmentation**: FCN-32s, VOC12 {s.train_split} → {s.test_split}{cnt('seg')}, {s.iters} steps × {s.bs}, "
-            f"lr {s.lr} ×{s.gamma} at {ms(s.milestones)}, {s.crop}-px crops; mIoU over 21 classes, 255 ignored.")
-
-def transfer_cell(key:str, v) -> str:
-    "A Markdown cell of the transfer tables: scores (fractions) as percentages, seconds as they are, missing as `—`."
-    if v is None or (isinstance(v, float) and math.isnan(v)): return '—'
-    return f"{100*v:.1f}" if isinstance(v, float) and key not in ('seconds', 'cpu_seconds') else str(v)
-
-def write_transfer_table(rows:list[dict], columns:dict, stem:str|Path, caption:str='') -> str:
-    "`report.write_table` with the transfer tables' cells: `<stem>.md` (caption + table) and `<stem>.csv` (raw values)."
-    return write_table(rows, columns, stem, caption, fmt=transfer_cell)
-
-TRANSFER_COLUMNS = dict(model='Model', cls_map='VOC07 cls mAP', det_ss_map='VOC07 det mAP (SS)', det_ms_map='VOC07 det mAP (MS)',
-                        seg_miou='VOC12 seg mIoU', seconds='wall s', cpu_seconds='CPU s')
-
-# %% ../nbs/14_transfer.ipynb #ec02215f
-def ablation_students(students:dict) -> tuple[dict, dict]:
-    "Split student name -> checkpoint into the k ablation `{(teacher, k): path}` and the domain one `{(teacher, clustered, labelled): path}`."
-    ks, dom = {}, {}
-    for n, p in students.items():
-        if (m := K_PATTERN.match(n)): ks[(m['teacher'], int(m['k']))] = p
-        elif (m := DOMAIN_PATTERN.match(n)): dom[(m['teacher'], m['clustered'], m['labelled'])] = p
-    return dict(sorted(ks.items())), dict(sorted(dom.items()))
-
-def k_ablation_rows(results:dict, use_07:bool=True) -> list[dict]:
-    "Rows (teacher, k, VOC07 cls mAP) from `student name -> {'cls': result}` for the `cc_<teacher>_k<k>` students."
-    key, rows = 'map_11pt' if use_07 else 'map_allpt', []
-    for n, r in results.items():
-        if (m := K_PATTERN.match(n)) and 'cls' in r: rows.append(dict(teacher=m['teacher'], k=int(m['k']), cls_map=r['cls'][key]))
-    return sorted(rows, key=lambda r: (r['teacher'], r['k']))
-
-def domain_ablation_rows(results:dict, use_07:bool=True) -> list[dict]:
-    "Rows (teacher, clustered on, labelled, VOC07 cls mAP) for the `cc_<teacher>_<clustered>-<labelled>` students."
-    key, rows = 'map_11pt' if use_07 else 'map_allpt', []
-    for n, r in results.items():
-        if (m := DOMAIN_PATTERN.match(n)) and 'cls' in r:
-            rows.append(dict(teacher=m['teacher'], clustered=m['clustered'], labelled=m['labelled'], cls_map=r['cls'][key]))
-    return sorted(rows, key=lambda r: (r['teacher'], r['clustered'], r['labelled']))
 
 # %% ../nbs/14_transfer.ipynb #fc6a70d3
 def _shared_data() -> Path:
