@@ -103,7 +103,8 @@ def probe_case(preset, steps, warmup):
 
 def transfer_case(preset, steps, warmup):
     import dataclasses
-    from kt_paper.transfer import TRANSFER_PRESETS, ClsDraws, TrunkClassifier, conv_trunk, masked_bce, student_fc_dim, train_steps
+    from kt_paper.finetune import conv_trunk, student_fc_dim, train_steps
+    from kt_paper.transfer import TRANSFER_PRESETS, ClsDraws, TrunkClassifier, masked_bce
     from kt_paper.nets import build_alexnet
     from kt_paper.student import STUDENT_PRESETS
     cfg = dataclasses.replace(TRANSFER_PRESETS[preset].cls, iters=steps + warmup); n = cfg.bs*(steps + warmup)
@@ -111,7 +112,7 @@ def transfer_case(preset, steps, warmup):
     net = build_alexnet(20, **STUDENT_PRESETS[preset].alexnet_args())
     model = TrunkClassifier(conv_trunk(net), cfg.crop, 20, cfg.fc_dim or student_fc_dim(net), cfg.dropout)
     def kt():   # the protocol's own path: step draws (rescale, crop, flip, normalise per image), gradient clipping;
-        t = Timer(warmup)   # no loader workers: `transfer.loader_workers`' choice for in-memory images on a CPU
+        t = Timer(warmup)   # no loader workers: `finetune.loader_workers`' choice for in-memory images on a CPU
         learn = train_steps(copy.deepcopy(model), ClsDraws(x, y, cfg), cfg, masked_bce, 'cpu', quiet=True, cbs=[t], num_workers=0)
         return t.rate, learn.precision_used
     opt = lambda ps: torch.optim.SGD(ps, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd)   # L2 on every parameter, as the protocol

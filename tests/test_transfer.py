@@ -1,4 +1,4 @@
-"Tests of kt_paper.transfer: VOC readers, heads, augmentation, step-counted training on a Learner, each protocol and the stage end to end on tiny data."
+"Tests of kt_paper.finetune and kt_paper.transfer: VOC readers, heads, augmentation, step-counted training on a Learner, each protocol, the transfer tables (kt_paper.report) and the stage end to end on tiny data."
 import dataclasses, os
 from pathlib import Path
 import numpy as np
@@ -6,13 +6,13 @@ import pytest
 import torch
 from PIL import Image
 from kt_paper.data import AnnotationError
-from kt_paper.transfer import (TRANSFER_PRESETS, ClsConfig, SegConfig, TransferConfig, VOCImage,
-                               read_voc_split, read_voc_seg_split, class_labels, conv_trunk, trunk_channels, TrunkClassifier,
-                               FCN32, masked_bce, epoch_plan, StepDraws, train_steps, random_crop_flip, det_target,
-                               to_voc_boxes, voc07_classification, voc07_detection, voc12_segmentation,
-                               transfer_student, transfer_rows, write_transfer_table, TRANSFER_COLUMNS, ablation_students,
-                               k_ablation_rows, domain_ablation_rows, find_students, student_label, read_mask, describe_setup,
-                               run_transfer)
+from kt_paper.finetune import (VOCImage, read_voc_split, read_voc_seg_split, class_labels, conv_trunk, trunk_channels,
+                               epoch_plan, StepDraws, train_steps, random_crop_flip)
+from kt_paper.transfer import (TRANSFER_PRESETS, ClsConfig, SegConfig, TransferConfig, TrunkClassifier, FCN32, masked_bce,
+                               det_target, to_voc_boxes, voc07_classification, voc07_detection, voc12_segmentation,
+                               transfer_student, find_students, read_mask, run_transfer)
+from kt_paper.report import (transfer_rows, write_transfer_table, TRANSFER_COLUMNS, ablation_students, k_ablation_rows,
+                             domain_ablation_rows, student_label, describe_setup)
 from kt_paper.nets import build_alexnet, save_alexnet
 from kt_paper.student import STUDENT_PRESETS
 from kt_paper.train import step_lr
