@@ -30,6 +30,7 @@ gates: install
 	$(BIN)/python tools/gate.py "notebooks clean" 'nbs/**/*.ipynb' 'nbs/*.ipynb' -- $(BIN)/nbdev-clean
 	$(BIN)/python tools/gate.py "library in sync" 'kt_paper/**/*.py' 'kt_paper/*.py' -- $(BIN)/nbdev-export
 	$(BIN)/python tools/make_readme.py --check
+	$(BIN)/python -m pyflakes kt_paper && echo "gate ok: no unused imports or names (pyflakes)"
 
 nbtest: install
 	KT_PAPER_PRECISION=$(TEST_PRECISION) MPLBACKEND=agg $(BIN)/nbdev-test --n-workers $(NB_WORKERS) --timing

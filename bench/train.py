@@ -5,7 +5,7 @@ For each trainer the same network is trained for a few steps on the same in-memo
 - **bare**: `for x, y in batches: opt.zero_grad(); loss(model(x), y).backward(); opt.step()` with the torch optimiser
   of the same update (SGD + momentum + L2, or AdamW for fastai's decoupled Adam), in fp32, in bf16 autocast, and in
   bf16 autocast with channels-last; the fastest of the three is the reference ("best bare").
-Data are pre-decoded uint8 images (student, probes) or pre-built puzzles (pretext), so what is compared is the training
+Data are pre-decoded uint8 images (student, probes, VOC07 fine-tuning) or pre-built puzzles (pretext), so what is compared is the training
 loop, its precision and its per-batch work (crops, flips, normalisation on the kt_paper side are part of its cost).
 Each measurement is repeated `--rounds` times, interleaved (kt_paper, then each bare variant, then again), and the best
 of the rounds is kept: oneDNN picks and caches kernels on first use, and a 2-core machine is noisy.
@@ -101,6 +101,23 @@ def probe_case(preset, steps, warmup):
     opt = lambda ps: torch.optim.SGD(ps, lr=cfg.lin_lr, momentum=cfg.momentum, weight_decay=cfg.wd)
     return 'linear probes (conv1-5)', kt, model, norm_batches(x, y, cfg.bs, cfg.crop), opt, multi_head_loss
 
+def transfer_case(preset, steps, warmup):
+    import dataclasses
+    from kt_paper.finetune import conv_trunk, student_fc_dim, train_steps
+    from kt_paper.transfer import TRANSFER_PRESETS, ClsDraws, TrunkClassifier, masked_bce
+    from kt_paper.nets import build_alexnet
+    from kt_paper.student import STUDENT_PRESETS
+    cfg = dataclasses.replace(TRANSFER_PRESETS[preset].cls, iters=steps + warmup); n = cfg.bs*(steps + warmup)
+    x = torch.randint(0, 256, (n, 3, cfg.resize, cfg.resize), dtype=torch.uint8); y = torch.randint(-1, 2, (n, 20))
+    net = build_alexnet(20, **STUDENT_PRESETS[preset].alexnet_args())
+    model = TrunkClassifier(conv_trunk(net), cfg.crop, 20, cfg.fc_dim or student_fc_dim(net), cfg.dropout)
+    def kt():   # the protocol's own path: step draws (rescale, crop, flip, normalise per image), gradient clipping;
+        t = Timer(warmup)   # no loader workers: `finetune.loader_workers`' choice for in-memory images on a CPU
+        learn = train_steps(copy.deepcopy(model), ClsDraws(x, y, cfg), cfg, masked_bce, 'cpu', quiet=True, cbs=[t], num_workers=0)
+        return t.rate, learn.precision_used
+    opt = lambda ps: torch.optim.SGD(ps, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd)   # L2 on every parameter, as the protocol
+    return 'VOC07 cls fine-tuning', kt, model, norm_batches(x, y, cfg.bs, cfg.crop), opt, masked_bce
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument('--preset', default='small'); ap.add_argument('--steps', type=int, default=20)
@@ -110,7 +127,7 @@ def main():
     torch.manual_seed(0)
     print(f"machine: {cpu_name()}, {torch.get_num_threads()} threads, bf16 units: {cpu_has_bf16()}, torch {torch.__version__}, preset {a.preset}")
     ratios = []
-    for case in (student_case, pretext_case, probe_case):
+    for case in (student_case, pretext_case, probe_case, transfer_case):
         name, kt, model, batches, opt, loss = case(a.preset, a.steps, a.warmup)
         refs, rate = {}, 0.
         for _ in range(a.rounds):

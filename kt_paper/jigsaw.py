@@ -281,7 +281,7 @@ def assemble_puzzles_torch(images:torch.Tensor,  # `(N, 3, crop, crop)` uint8, o
                            normalise:bool=True
                           ) -> torch.Tensor:
     "Batched `assemble_puzzle`: `(B, T, 3, tile, tile)` float32 on `images.device`."
-    dev, (N, C, H, W), t = images.device, images.shape, cfg.tile
+    dev, (_, C, H, W), t = images.device, images.shape, cfg.tile
     tt = lambda a: torch.as_tensor(a, device=dev)
     src = tt(p['src'])
     img_idx = torch.where(src == 1, other.to(dev)[:, None], main.to(dev)[:, None])              # (B, T)

@@ -186,7 +186,7 @@ def test_cfn_models_see_inputs_at_their_training_scale():
     from kt_paper.jigsaw import JIGSAW_PRESETS, cfn_from_config
     from kt_paper.images import imagenet_normalize
     from kt_paper.probes import LinearProbes
-    from kt_paper.transfer import conv_trunk
+    from kt_paper.finetune import conv_trunk
     from kt_paper.teachers import jigsaw_teacher, TEACHER_PRESETS
     import dataclasses
     cfg = dataclasses.replace(JIGSAW_PRESETS['test'], tile_scale=50.)                 # the paper preset's factor

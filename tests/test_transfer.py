@@ -1,18 +1,21 @@
-"Tests of kt_paper.transfer: VOC readers, heads, augmentation, the training loop, and each protocol end to end on tiny data."
-import dataclasses, json, os
+"Tests of kt_paper.finetune and kt_paper.transfer: VOC readers, heads, augmentation, step-counted training on a Learner, each protocol, the transfer tables (kt_paper.report) and the stage end to end on tiny data."
+import dataclasses, os
 from pathlib import Path
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from kt_paper.data import AnnotationError
-from kt_paper.transfer import (TRANSFER_PRESETS, ClsConfig, SegConfig, DetConfig, TransferConfig, VOCImage,
-                               read_voc_split, read_voc_seg_split, class_labels, conv_trunk, trunk_channels, TrunkClassifier,
-                               FCN32, masked_bce, lr_at, fit_steps, random_crop_flip, cls_view, det_target, to_voc_boxes,
-                               build_detector, voc07_classification, voc07_detection, voc12_segmentation, transfer_student,
-                               transfer_rows, markdown_table, TRANSFER_COLUMNS, ablation_students, k_ablation_rows,
-                               domain_ablation_rows, find_students, student_label, read_mask, describe_setup)
-from kt_paper.student import build_alexnet, save_alexnet
+from kt_paper.finetune import (VOCImage, read_voc_split, read_voc_seg_split, class_labels, conv_trunk, trunk_channels,
+                               epoch_plan, StepDraws, train_steps, random_crop_flip)
+from kt_paper.transfer import (TRANSFER_PRESETS, ClsConfig, SegConfig, TransferConfig, TrunkClassifier, FCN32, masked_bce,
+                               det_target, to_voc_boxes, voc07_classification, voc07_detection, voc12_segmentation,
+                               transfer_student, find_students, read_mask, run_transfer)
+from kt_paper.report import (transfer_rows, write_transfer_table, TRANSFER_COLUMNS, ablation_students, k_ablation_rows,
+                             domain_ablation_rows, student_label, describe_setup)
+from kt_paper.nets import build_alexnet, save_alexnet
+from kt_paper.student import STUDENT_PRESETS
+from kt_paper.train import step_lr
 
 torch.set_num_threads(1)
 SHARED = Path(os.environ.get('KT_PAPER_SHARED_DATA', Path(__file__).resolve().parents[1].parent/'shared'/'data'))
@@ -98,10 +101,13 @@ def test_masked_bce_ignores_difficult():
 
 def test_lr_schedule_paper_presets():
     c = TRANSFER_PRESETS['paper']
-    assert lr_at(0, c.cls.lr, c.cls.milestones, c.cls.gamma) == 1e-3
-    assert lr_at(79_999, c.cls.lr, c.cls.milestones, c.cls.gamma) == pytest.approx(1e-3 / 2**7)
-    assert [lr_at(s, c.seg.lr, c.seg.milestones, c.seg.gamma) for s in (0, 50_000, 100_000)] == pytest.approx([1e-4, 1e-5, 1e-6])
-    assert [lr_at(s, c.det.lr, c.det.milestones, c.det.gamma) for s in (49_999, 50_000, 149_999)] == pytest.approx([1e-3, 1e-4, 1e-5])
+    lr = lambda p, step: step_lr(p.lr, p.milestones, p.iters, p.gamma)(step / p.iters)   # fastai's pct of the run -> lr
+    assert lr(c.cls, 0) == 1e-3 and lr(c.cls, 9_999) == 1e-3 and lr(c.cls, 10_000) == pytest.approx(5e-4)
+    assert lr(c.cls, 79_999) == pytest.approx(1e-3 / 2**7)
+    assert [lr(c.seg, s) for s in (0, 50_000, 100_000)] == pytest.approx([1e-4, 1e-5, 1e-6])
+    assert [lr(c.det, s) for s in (49_999, 50_000, 149_999)] == pytest.approx([1e-3, 1e-4, 1e-5])
+    for p in (c.cls, c.det, c.seg):                                  # whole epochs of the checkpoint interval
+        assert epoch_plan(p.iters, TRANSFER_PRESETS['paper'].ckpt_every)[1] == TRANSFER_PRESETS['paper'].ckpt_every
     assert (c.cls.bs, c.cls.wd, c.cls.clip, c.cls.crop, c.cls.test_crops, c.cls.scale_range) == (16, 1e-6, 10., 227, 10, (.5, 2.))
     assert (c.det.iters, c.det.min_size, c.det.max_size, c.seg.iters, c.seg.momentum, c.seg.wd) == (150_000, 600, 1000, 150_000, .9, 5e-4)
     with pytest.raises(dataclasses.FrozenInstanceError): c.cls.lr = 1.
@@ -123,19 +129,37 @@ def test_det_target_roundtrip_and_flip():
     assert det_target(im, flip=True)['boxes'].tolist() == [[90., 0., 100., 20.]]
 
 
-def test_fit_steps_is_deterministic_and_resumes(tmp_path):
-    @dataclasses.dataclass(frozen=True)
-    class C: iters:int=6; lr:float=.05; milestones:tuple=(4,); gamma:float=.1; momentum:float=.9; wd:float=1e-4; clip:float=1.
-    def bf(step, g): x = torch.randn(8, 4, generator=g); return x, (x[:, :1] > 0).float()
-    def lf(m, b): return torch.nn.functional.binary_cross_entropy_with_logits(torch.nn.functional.dropout(m(b[0]), .3), b[1])
-    torch.manual_seed(0); m0 = torch.nn.Linear(4, 1); ma, mb, mc = (torch.nn.Linear(4, 1) for _ in range(3))
-    for m in (ma, mb, mc): m.load_state_dict(m0.state_dict())
-    ha = fit_steps(ma, lf, bf, C(), log_every=1); fit_steps(mb, lf, bf, C(), log_every=1)
-    assert torch.equal(ma.weight, mb.weight)
-    fit_steps(mc, lf, bf, C(iters=4), run_dir=tmp_path, log_every=1)
-    hc = fit_steps(mc, lf, bf, C(), run_dir=tmp_path, log_every=1)
-    assert torch.allclose(ma.weight, mc.weight, atol=1e-7) and [h['loss'] for h in hc] == [h['loss'] for h in ha]
-    assert (tmp_path/'history.csv').read_text().count('\n') == 7
+class _Bin(StepDraws):
+    "A toy binary problem: draw k is a random 4-vector and whether its first entry is positive."
+    def item(self, i, g): x = torch.randn(4, generator=g); return x, (x[:1] > 0).float()
+
+
+@dataclasses.dataclass(frozen=True)
+class _C: iters:int=6; bs:int=8; lr:float=.05; milestones:tuple=(4,); gamma:float=.1; momentum:float=.9; wd:float=1e-4; clip:float=1.
+
+
+def _bin_run(folder=None, cbs=None, cfg=_C(), every=2, num_workers=0, fp='x'):
+    torch.manual_seed(0); m = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(.3), torch.nn.Linear(8, 1))
+    return train_steps(m, _Bin(3, cfg.iters, cfg.bs), cfg, torch.nn.functional.binary_cross_entropy_with_logits, folder=folder,
+                       fingerprint=fp, every=every, precision='fp32', num_workers=num_workers, cbs=cbs)
+
+
+def test_train_steps_is_deterministic_and_resumes(tmp_path):
+    from fastai.callback.core import Callback, CancelFitException
+    class StopAfter2(Callback):
+        order = 100
+        def after_epoch(self):
+            if self.epoch == 1: raise CancelFitException()
+    a, b = _bin_run(), _bin_run(num_workers=2)                       # loader workers change nothing
+    assert torch.equal(a.model[0].weight, b.model[0].weight)
+    assert a.recorder.hps['lr'] == pytest.approx([.05] * 4 + [.005] * 2)   # milestone at step 4, in steps
+    _bin_run(tmp_path, cbs=[StopAfter2()])
+    c = _bin_run(tmp_path)
+    assert c.resumed_from_step == 4 and torch.allclose(a.model[0].weight, c.model[0].weight, atol=1e-7)
+    assert (tmp_path/'history.csv').read_text().splitlines()[0].startswith('epoch,train_loss')
+    assert len((tmp_path/'history.csv').read_text().splitlines()) == 1 + 3      # 3 epochs of 2 steps
+    assert _bin_run(tmp_path, fp='other inputs').resumed_from_step == 0             # a checkpoint of other inputs is not resumed
+    assert len(StepDraws(3, 6, 8)) == 48
 
 
 CLS = ClsConfig(iters=30, bs=8, lr=.05, milestones=(30,), resize=48, crop=40, scale_range=(.8, 1.2), test_crops=2, fc_dim=32, dropout=0.)
@@ -177,9 +201,13 @@ def test_transfer_student_caches_and_tables(toy_voc, alexnet, tmp_path):
     f = tmp_path/'transfer'/'cc_hog_k8'/'cls.json'; mtime = f.stat().st_mtime_ns
     res2 = transfer_student('cc_hog_k8', ck, cfg, toy_voc[0], None, tmp_path, ('cls',), 'custom', 0)
     assert f.stat().st_mtime_ns == mtime and res2['cls']['map_11pt'] == res['cls']['map_11pt']
+    run_dir = next((tmp_path/'transfer'/'cc_hog_k8').glob('cls-*'))
+    assert sorted(f.name for f in run_dir.iterdir()) == ['history.csv']         # checkpoints removed once the result is stored
+    assert res['cls']['curve'] == str(run_dir/'history.csv') and res['cls']['precision'] == 'fp32'
     rows = transfer_rows({'cc_hog_k8': res})
     assert rows[0]['model'] == 'CC+hog_k8' and rows[0]['det_ss_map'] is None
-    assert '| CC+hog_k8 |' in markdown_table(rows, TRANSFER_COLUMNS)
+    md = write_transfer_table(rows, TRANSFER_COLUMNS, tmp_path/'fig'/'transfer_voc', 'caption')
+    assert '| CC+hog_k8 |' in md and (tmp_path/'fig'/'transfer_voc.csv').read_text().startswith('model,cls_map,')
     assert list(find_students(tmp_path/'student')) == ['cc_hog_k8', 'random']
     ks, dom = ablation_students(find_students(tmp_path/'student'))
     assert list(ks) == [('hog', 8)] and dom == {}
@@ -200,3 +228,30 @@ def test_real_voc2007_mini_smoke(alexnet):
     det = dataclasses.replace(TRANSFER_PRESETS['test'].det, iters=1)
     rd = voc07_detection(alexnet, MINI, det, seed=0)
     assert rd['n_test'] == 36 and rd['n_defined'] == 16 and 0 <= rd['map_11pt'] <= 1
+
+
+def test_bf16_classification_and_detection(toy_voc, alexnet):
+    "The bf16 + channels-last path (forced, whatever this CPU has) trains and scores; the policy is recorded."
+    r = voc07_classification(alexnet, toy_voc[0], dataclasses.replace(CLS, iters=3), seed=0, precision='bf16')
+    assert r['precision'] == 'bf16' and 0 <= r['map_11pt'] <= 1 and np.isfinite(r['final_loss'])
+    cfg = dataclasses.replace(TRANSFER_PRESETS['test'].det, iters=2, min_size=48, max_size=64)
+    rd = voc07_detection(alexnet, toy_voc[0], cfg, seed=0, precision='bf16')
+    assert rd['precision'] == 'bf16' and 0 <= rd['map_11pt'] <= 1
+
+
+def test_run_transfer_stage(tmp_path):
+    "The stage at the test preset: main students on the three protocols, an ablation student on classification, the tables."
+    torch.manual_seed(0)
+    net = build_alexnet(20, **STUDENT_PRESETS['test'].alexnet_args())
+    for n in ('random', 'cc_hog_k8'): save_alexnet(net, tmp_path/'student'/n/'final.pth')
+    res = run_transfer(tmp_path, 'test', seed=0, device='cpu', smoke=False, multi_scale_det=False)
+    assert list(res['students']) == ['random'] and set(res['students']['random']) == {'cls', 'det_ss', 'seg'}
+    assert list(res['ablation']) == ['cc_hog_k8'] and list(res['ablation']['cc_hog_k8']) == ['cls']
+    for f in ('random/cls.json', 'random/det_ss.json', 'random/seg.json', 'cc_hog_k8/cls.json'): assert (tmp_path/'transfer'/f).exists()
+    for f in ('transfer_voc.md', 'transfer_voc.csv', 'ablation_k.md', 'ablation_k.csv'): assert (tmp_path/'figures'/f).exists()
+    assert not (tmp_path/'figures'/'ablation_domain.md').exists() and res['tables']['ablation_domain'] is None
+    assert '| Random |' in res['tables']['transfer_voc'] and 'Preset `test`, seed 0' in res['tables']['transfer_voc']
+    f = tmp_path/'transfer'/'random'/'seg.json'; mtime = f.stat().st_mtime_ns
+    again = run_transfer(tmp_path, 'test', seed=0, device='cpu', smoke=False, multi_scale_det=False)   # read back, not retrained
+    assert f.stat().st_mtime_ns == mtime and again['students']['random']['seg']['miou'] == res['students']['random']['seg']['miou']
+    with pytest.raises(TypeError, match='no field'): run_transfer(tmp_path, 'test', device='cpu', nosuch=1)
