@@ -421,7 +421,7 @@ def reproduce(preset:str='tiny',          # one of test, tiny, small, paper
     print(f'all stages finished in {manifest["seconds"]:.1f} s; run folder {out}, figures {fig}', flush=True)
     return manifest
 
-# %% ../nbs/16_reproduce.ipynb #74ef979a
+# %% ../nbs/16_reproduce.ipynb #a66f6a6c
 def copy_notebooks(dest:str|Path) -> list[Path]:
     "Copy the pipeline's notebooks to `dest` (for reading them outside a source checkout)."
     dest = Path(dest); dest.mkdir(parents=True, exist_ok=True)
@@ -509,6 +509,13 @@ def stages_text(nbs_path:str|Path|None=None) -> str:
         if extra: lines.append(' '*12 + '-p ' + ', '.join(f'{k}={v!r}' for k, v in extra.items()))
     return '\n'.join(lines)
 
+def _log_to_stdout(lg:logging.Logger):
+    "Send `lg`'s INFO records to the current stdout, indented, with one handler however often it is called."
+    h = next((h for h in lg.handlers if getattr(h, 'kt_paper', False)), None)
+    if h is None:
+        h = logging.StreamHandler(); h.kt_paper = True; h.setFormatter(logging.Formatter('    %(message)s')); lg.addHandler(h)
+    h.setStream(sys.stdout); lg.setLevel(logging.INFO); lg.propagate = False
+
 def main(argv:list[str]|None=None):
     "Entry point of the `kt-paper` console script."
     p = _parser(); a = p.parse_args(argv)
@@ -524,9 +531,7 @@ def main(argv:list[str]|None=None):
         data = data_roles(a.data, overrides)
         stage_params = parse_params(params, find_stages(a.nbs_path))
     except (SettingsError, FileNotFoundError) as e: p.error(str(e))
-    if a.log_output:   # papermill logs each cell's output through `logging`
-        h = logging.StreamHandler(sys.stdout); h.setFormatter(logging.Formatter('    %(message)s'))
-        lg = logging.getLogger('papermill'); lg.addHandler(h); lg.setLevel(logging.INFO); lg.propagate = False
+    if a.log_output: _log_to_stdout(logging.getLogger('papermill'))   # papermill logs each cell's output there
     try:
         reproduce(a.preset, a.data_root, a.out, a.fig_dir, a.seed, a.device, a.gpus, a.only, a.force, a.nbs_path,
                   log_output=a.log_output, overrides=overrides, params=stage_params, data=data)

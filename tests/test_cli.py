@@ -130,3 +130,10 @@ def test_small_commands(capsys):
     main(['config', '--preset', 'test', '--set', 'transfer.cls.iters=7'])
     out = capsys.readouterr().out
     assert '[transfer.cls]' in out and 'iters = 7  # changed' in out and '[student]' in out
+
+def test_log_output_streams_cell_output(toy, capsys):
+    _toy_nb(toy/'nbs'/'09_clustering.ipynb', "for i in range(2): print('progress', i, flush=True)")
+    _cli(toy, '--only', 'clustering', '--log-output')
+    _cli(toy, '--only', 'clustering', '--log-output', '--force')       # a second call adds no second handler
+    out = capsys.readouterr().out
+    assert out.count('progress 1') == 2 and 'clustering   ran' in out
