@@ -115,7 +115,6 @@ def test_data_role_reaches_the_real_data_stage(tmp_path, monkeypatch):
 
 def test_every_real_stage_forwards_its_overrides():
     for st in find_stages():
-        if st.name == 'transfer' and 'OVERRIDES' not in notebook_parameters(st.notebook): continue   # not yet wired
         assert 'OVERRIDES' in notebook_parameters(st.notebook), st.notebook.name
         code = '\n'.join(''.join(c['source']) for c in json.loads(st.notebook.read_text())['cells'] if c['cell_type'] == 'code')
         assert 'json.loads(OVERRIDES)' in code, st.notebook.name
