@@ -11,7 +11,7 @@ Each measurement is repeated `--rounds` times, interleaved (kt_paper, then each 
 of the rounds is kept: oneDNN picks and caches kernels on first use, and a 2-core machine is noisy.
 The last line is `train_ratio_min: X`, the smallest kt_paper / best-bare ratio.
 
-Usage: python bench/train.py [--preset small] [--steps 20] [--warmup 5] [--rounds 2]
+Usage: python bench/train.py [--preset small] [--steps 60] [--warmup 5] [--rounds 3]   (shorter runs are noisy on 2 cores)
 """
 import argparse, contextlib, copy, platform, time
 import numpy as np, torch
@@ -120,8 +120,8 @@ def transfer_case(preset, steps, warmup):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument('--preset', default='small'); ap.add_argument('--steps', type=int, default=20)
-    ap.add_argument('--warmup', type=int, default=5); ap.add_argument('--rounds', type=int, default=2)
+    ap.add_argument('--preset', default='small'); ap.add_argument("--steps", type=int, default=60)
+    ap.add_argument('--warmup', type=int, default=5); ap.add_argument("--rounds", type=int, default=3)
     a = ap.parse_args()
     from kt_paper.core import cpu_has_bf16
     torch.manual_seed(0)
