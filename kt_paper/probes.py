@@ -301,12 +301,12 @@ def probe_set(out:Path, pset:str, root:Path, models:dict, cfg:ProbeConfig, seed:
     for kind in kinds:
         t1, table, timing = time.time(), {}, {}
         for name, f in models.items():
-            net = load_alexnet(f)
             key = fingerprint(kind, ids, cfg, seed, prec, digest(Path(f)))
-            if kind == 'linear': fn = lambda: run_linear_probes(net, dls, len(classes), cfg, seed, device=device, precision=precision)
-            else:
-                cuts = [l for l in cfg.nl_layers if l.startswith('conv') or name.startswith('cc_')]  # fc6/7 only where trained on another task
-                fn = lambda: {l: run_nonlinear_probe(net, dls, len(classes), l, cfg, seed, device=device, precision=precision) for l in cuts}
+            cuts = [l for l in cfg.nl_layers if l.startswith('conv') or name.startswith('cc_')]  # fc6/7 only where trained on another task
+            def fn(f=f, cuts=cuts):   # the checkpoint is loaded only when its result is not cached
+                net = load_alexnet(f)
+                if kind == 'linear': return run_linear_probes(net, dls, len(classes), cfg, seed, device=device, precision=precision)
+                return {l: run_nonlinear_probe(net, dls, len(classes), l, cfg, seed, device=device, precision=precision) for l in cuts}
             r = cached_probe(out/'probes'/f'{kind}_{pset}', name, key, fn)
             table[name], timing[name] = r['top1'], r['seconds']
         save_json(dict(preset=preset, data=str(root), seed=seed, precision=prec, top1=table, seconds=timing),

@@ -203,7 +203,8 @@ def test_transfer_student_caches_and_tables(toy_voc, alexnet, tmp_path):
     assert f.stat().st_mtime_ns == mtime and res2['cls']['map_11pt'] == res['cls']['map_11pt']
     run_dir = next((tmp_path/'transfer'/'cc_hog_k8').glob('cls-*'))
     assert sorted(f.name for f in run_dir.iterdir()) == ['history.csv']         # checkpoints removed once the result is stored
-    assert res['cls']['curve'] == str(run_dir/'history.csv') and res['cls']['precision'] == 'fp32'
+    from kt_paper.train import precision_policy
+    assert res['cls']['curve'] == str(run_dir/'history.csv') and res['cls']['precision'] == precision_policy(torch.device('cpu')).name
     rows = transfer_rows({'cc_hog_k8': res})
     assert rows[0]['model'] == 'CC+hog_k8' and rows[0]['det_ss_map'] is None
     md = write_transfer_table(rows, TRANSFER_COLUMNS, tmp_path/'fig'/'transfer_voc', 'caption')
