@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kt_paper import data as D, synthetic as S
+from kt_paper import data as D, builtin as S
 from kt_paper.core import load_json
 
 

@@ -7,7 +7,7 @@ pipeline. Peak memory must not grow with the number of images: the summary print
 peak RSS to the smallest's, and the growth during extraction (peak minus the peak before it) at both sizes.
 
 A teacher name ending in `-unpinned` (e.g. `random-unpinned`) runs that teacher with `pin_mmap_threshold` disabled,
-the reference for what pinning glibc's mmap threshold changes (see `nbs/08_teachers.ipynb`).
+the reference for what pinning glibc's mmap threshold changes (see `nbs/11_teachers.ipynb`).
 
 Usage: python bench/features.py [--sizes 2000 20000] [--teachers hog random [random-unpinned]] [--preset tiny]
 """
@@ -18,7 +18,7 @@ def child(teacher:str, n:int, preset:str, out:str):
     import numpy as np, torch
     from kt_paper.core import pick_preset
     from kt_paper.data import read_class_folder
-    from kt_paper.synthetic import ensure_builtin_dataset
+    from kt_paper.builtin import ensure_builtin_dataset
     from kt_paper import teachers as T
     from kt_paper.jigsaw import JIGSAW_PRESETS
     if teacher.endswith('-unpinned'): T.pin_mmap_threshold = lambda: False  # the reference: glibc's dynamic threshold

@@ -17,8 +17,9 @@ import numpy as np, torch
 from PIL import Image
 import torchvision.transforms.functional as TF
 from kt_paper.core import seed_everything, default_num_workers, get_device, environment_info
-from kt_paper.jigsaw import (JIGSAW_PRESETS, PuzzleDataset, sample_puzzles, assemble_puzzles_torch, permutation_set,
+from kt_paper.jigsaw import (JIGSAW_PRESETS, PuzzleDataset, sample_puzzles, assemble_puzzles_torch,
                              prepare_image, cfn_from_config, COLOUR_PROJECTION, jigsaw_dataloaders)
+from kt_paper.permutations import permutation_set
 
 QUICK = bool(os.environ.get('BENCH_QUICK'))
 
@@ -88,7 +89,7 @@ def bench_builders(name, cfg, perms, raw, n):
 
 def bench_training(cfg, n_iter):
     from kt_paper.data import read_class_folder, load_rgb
-    from kt_paper.synthetic import ensure_builtin_dataset
+    from kt_paper.builtin import ensure_builtin_dataset
     root = ensure_builtin_dataset(scale='default')
     tr, va = read_class_folder(root/'objects', 'train').paths, read_class_folder(root/'objects', 'val').paths
     perms = permutation_set(cfg.n_perms, cfg.min_dist)

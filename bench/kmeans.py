@@ -19,7 +19,7 @@ def main():
     ap.add_argument('--also-random', action='store_true', help="also time faiss with its random initialisation")
     a = ap.parse_args()
     from sklearn.cluster import KMeans
-    from kt_paper.clustering import kmeans, kmeans_objective, resolve_backend
+    from kt_paper.kmeans import kmeans, kmeans_objective, resolve_backend
     import torch
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch threads {torch.get_num_threads()}, "
           f"cuda {torch.cuda.is_available()}; backend {resolve_backend(a.backend)}")

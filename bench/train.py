@@ -4,7 +4,8 @@ For each trainer the same network is trained for a few steps on the same in-memo
 - **kt_paper**: the library's own path (its `Learner`, callbacks and `kt_paper.train.fit`, precision `auto`);
 - **bare**: `for x, y in batches: opt.zero_grad(); loss(model(x), y).backward(); opt.step()` with the torch optimiser
   of the same update (SGD + momentum + L2, or AdamW for fastai's decoupled Adam), in fp32, in bf16 autocast, and in
-  bf16 autocast with channels-last; the fastest of the three is the reference ("best bare").
+  bf16 autocast with channels-last; the fastest of the three is the reference ("best bare"). Where the protocol's
+  update clips the gradient norm (VOC07 fine-tuning), the bare loop clips it too: the same update, not a cheaper one.
 Data are pre-decoded uint8 images (student, probes, VOC07 fine-tuning) or pre-built puzzles (pretext), so what is compared is the training
 loop, its precision and its per-batch work (crops, flips, normalisation on the kt_paper side are part of its cost).
 Each measurement is repeated `--rounds` times, interleaved (kt_paper, then each bare variant, then again), and the best
@@ -21,8 +22,8 @@ def cpu_name():
     try: return next(l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name'))
     except (OSError, StopIteration): return platform.processor()
 
-def bare(model, batches, opt, precision, channels_last, loss=nn.CrossEntropyLoss(), warmup=3):
-    "img/s of a plain loop over `batches` [(x, y)] (the first `warmup` untimed) with torch optimiser `opt(params)`."
+def bare(model, batches, opt, precision, channels_last, loss=nn.CrossEntropyLoss(), warmup=3, clip=0.):
+    "img/s of a plain loop over `batches` [(x, y)] (the first `warmup` untimed) with torch optimiser `opt(params)` (gradient norm clipped to `clip` if > 0)."
     m = copy.deepcopy(model).train()
     if channels_last: m = m.to(memory_format=torch.channels_last)
     opt = opt([p for p in m.parameters() if p.requires_grad])
@@ -33,7 +34,9 @@ def bare(model, batches, opt, precision, channels_last, loss=nn.CrossEntropyLoss
         if channels_last and x.ndim == 4: x = x.contiguous(memory_format=torch.channels_last)
         opt.zero_grad()
         with ac: l = loss(m(x), y)
-        l.backward(); opt.step(); n += len(y)
+        l.backward()
+        if clip: nn.utils.clip_grad_norm_(m.parameters(), clip)
+        opt.step(); n += len(y)
     return n / (time.perf_counter() - t0)
 
 class Timer:
@@ -68,7 +71,7 @@ def student_case(preset, steps, warmup):
         t = Timer(warmup); learn = student_learner(copy.deepcopy(model), dls, cfg, cbs=[t])
         fit(learn, 1, quiet=True); return t.rate, learn.precision_used
     opt = lambda ps: torch.optim.SGD(ps, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd)   # the student's: coupled wd
-    return 'student (CC AlexNet)', kt, model, norm_batches(x, y, cfg.bs, cfg.crop), opt, nn.CrossEntropyLoss()
+    return 'student (CC AlexNet)', kt, model, norm_batches(x, y, cfg.bs, cfg.crop), opt, nn.CrossEntropyLoss(), 0.
 
 def pretext_case(preset, steps, warmup):
     from fastai.data.core import DataLoaders
@@ -84,7 +87,7 @@ def pretext_case(preset, steps, warmup):
         fit(learn, 1, quiet=True, cbs=[t], lr=cfg.lr); return t.rate, learn.precision_used
     if cfg.opt == 'adam': opt = lambda ps: torch.optim.AdamW(ps, lr=cfg.lr, betas=(0.9, 0.99), eps=1e-5, weight_decay=cfg.wd)  # fastai's Adam
     else: opt = lambda ps: torch.optim.SGD(ps, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd)
-    return f'pretext (Jigsaw++ CFN, {cfg.opt})', kt, model, [(x[i:i+cfg.bs], y[i:i+cfg.bs]) for i in range(0, n, cfg.bs)], opt, nn.CrossEntropyLoss()
+    return f'pretext (Jigsaw++ CFN, {cfg.opt})', kt, model, [(x[i:i+cfg.bs], y[i:i+cfg.bs]) for i in range(0, n, cfg.bs)], opt, nn.CrossEntropyLoss(), 0.
 
 def probe_case(preset, steps, warmup):
     from kt_paper.probes import PROBE_PRESETS, LinearProbes, linear_probe_learner, multi_head_loss, probe_dls
@@ -99,7 +102,7 @@ def probe_case(preset, steps, warmup):
         t = Timer(warmup); learn = linear_probe_learner(copy.deepcopy(model), dls, cfg); learn.add_cb(t)
         fit(learn, 1, quiet=True); return t.rate, learn.precision_used
     opt = lambda ps: torch.optim.SGD(ps, lr=cfg.lin_lr, momentum=cfg.momentum, weight_decay=cfg.wd)
-    return 'linear probes (conv1-5)', kt, model, norm_batches(x, y, cfg.bs, cfg.crop), opt, multi_head_loss
+    return 'linear probes (conv1-5)', kt, model, norm_batches(x, y, cfg.bs, cfg.crop), opt, multi_head_loss, 0.
 
 def transfer_case(preset, steps, warmup):
     import dataclasses
@@ -116,7 +119,7 @@ def transfer_case(preset, steps, warmup):
         learn = train_steps(copy.deepcopy(model), ClsDraws(x, y, cfg), cfg, masked_bce, 'cpu', quiet=True, cbs=[t], num_workers=0)
         return t.rate, learn.precision_used
     opt = lambda ps: torch.optim.SGD(ps, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd)   # L2 on every parameter, as the protocol
-    return 'VOC07 cls fine-tuning', kt, model, norm_batches(x, y, cfg.bs, cfg.crop), opt, masked_bce
+    return 'VOC07 cls fine-tuning', kt, model, norm_batches(x, y, cfg.bs, cfg.crop), opt, masked_bce, cfg.clip   # its update clips the gradient norm
 
 def main():
     ap = argparse.ArgumentParser()
@@ -128,12 +131,12 @@ def main():
     print(f"machine: {cpu_name()}, {torch.get_num_threads()} threads, bf16 units: {cpu_has_bf16()}, torch {torch.__version__}, preset {a.preset}")
     ratios = []
     for case in (student_case, pretext_case, probe_case, transfer_case):
-        name, kt, model, batches, opt, loss = case(a.preset, a.steps, a.warmup)
+        name, kt, model, batches, opt, loss, clip = case(a.preset, a.steps, a.warmup)
         refs, rate = {}, 0.
         for _ in range(a.rounds):
             r_kt, prec = kt(); rate = max(rate, r_kt)
             for p, cl in (('fp32', False), ('bf16', False), ('bf16', True)):
-                k = f'{p}{"+cl" if cl else ""}'; refs[k] = max(refs.get(k, 0.), bare(model, batches, opt, p, cl, loss, a.warmup))
+                k = f'{p}{"+cl" if cl else ""}'; refs[k] = max(refs.get(k, 0.), bare(model, batches, opt, p, cl, loss, a.warmup, clip))
         best = max(refs, key=refs.get); r = rate / refs[best]; ratios.append(r)
         print(f"{name:26s} kt_paper {rate:8.1f} img/s ({prec.name}{'+cl' if prec.channels_last else ''})  bare: " +
               ', '.join(f'{k} {v:.1f}' for k, v in refs.items()) + f"  ratio vs best bare ({best}): {r:.2f}")

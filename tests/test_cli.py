@@ -18,7 +18,7 @@ def _toy_nb(path, body, params=PARAMS):
 def toy(tmp_path):
     "Three toy stages that record what reached them: `<out>/<stage>.json` holds OVERRIDES and TEACHERS."
     nbs = tmp_path/'nbs'; nbs.mkdir()
-    for nb, name in (('01_data', 'data'), ('09_clustering', 'clustering'), ('10_student', 'student')):
+    for nb, name in (('04_samples', 'data'), ('13_clustering', 'clustering'), ('14_student', 'student')):
         _toy_nb(nbs/f'{nb}.ipynb', "import json, os\nfrom pathlib import Path\n"
                 f"Path(OUT_DIR, '{name}.json').write_text(json.dumps(dict(overrides=json.loads(OVERRIDES), teachers=TEACHERS, "
                 "imagenet=os.environ.get('KT_PAPER_DATA_IMAGENET'))))")
@@ -62,9 +62,9 @@ def test_bad_settings_are_usage_errors(toy, capsys, setting, message):
 def test_setting_a_stage_the_run_lacks_or_that_takes_no_overrides(toy, capsys):
     with pytest.raises(SystemExit): _cli(toy, '--set', 'jigsaw.iterations=3')
     assert "which this run does not have" in capsys.readouterr().err
-    _toy_nb(toy/'nbs'/'07_jigsaw.ipynb', 'x = 1', params="PRESET='tiny'; OUT_DIR=None")
+    _toy_nb(toy/'nbs'/'10_jigsaw.ipynb', 'x = 1', params="PRESET='tiny'; OUT_DIR=None")
     with pytest.raises(SystemExit): _cli(toy, '--set', 'jigsaw.iterations=3')
-    assert "07_jigsaw.ipynb takes no OVERRIDES parameter" in capsys.readouterr().err
+    assert "10_jigsaw.ipynb takes no OVERRIDES parameter" in capsys.readouterr().err
 
 def test_config_file_and_set_on_top(toy, capsys):
     cfg = toy/'run.toml'
@@ -90,7 +90,7 @@ def test_param_forwarding_and_unknown_names(toy, capsys):
     assert 'use --seed' in capsys.readouterr().err
 
 def test_data_roles_checked_up_front_and_passed_on(toy, capsys):
-    from kt_paper.synthetic import ensure_builtin_dataset
+    from kt_paper.builtin import ensure_builtin_dataset
     mine = toy/'my_objects'; shutil.copytree(ensure_builtin_dataset(None, 0, 'test')/'objects', mine)
     m = _cli(toy, '--data', f'imagenet={mine}')
     assert _seen(toy, 'student')['imagenet'] == str(mine) and m['data_roles'] == dict(imagenet=str(mine))
@@ -104,12 +104,12 @@ def test_data_roles_checked_up_front_and_passed_on(toy, capsys):
 
 def test_data_role_reaches_the_real_data_stage(tmp_path, monkeypatch):
     "`--data` on the real data notebook: the stage reads the given folder (through $KT_PAPER_DATA_<ROLE>)."
-    from kt_paper.synthetic import ensure_builtin_dataset
+    from kt_paper.builtin import ensure_builtin_dataset
     monkeypatch.setenv('IN_TEST', '1')
     mine = tmp_path/'my_places'; shutil.copytree(ensure_builtin_dataset(None, 0, 'test')/'scenes', mine)
     main(['reproduce', '--preset', 'test', '--out', str(tmp_path/'run'), '--fig-dir', str(tmp_path/'fig'),
           '--only', 'data', '--data', f'places={mine}'])
-    nb = json.loads((tmp_path/'run'/'notebooks'/'01_data.ipynb').read_text())
+    nb = json.loads((tmp_path/'run'/'notebooks'/'04_samples.ipynb').read_text())
     text = ''.join(''.join(o.get('text', '')) for c in nb['cells'] if c['cell_type'] == 'code' for o in c.get('outputs', []))
     assert f'<- {mine}' in text, text[:2000]
 
@@ -131,7 +131,7 @@ def test_small_commands(capsys):
     assert '[transfer.cls]' in out and 'iters = 7  # changed' in out and '[student]' in out
 
 def test_log_output_streams_cell_output(toy, capsys):
-    _toy_nb(toy/'nbs'/'09_clustering.ipynb', "for i in range(2): print('progress', i, flush=True)")
+    _toy_nb(toy/'nbs'/'13_clustering.ipynb', "for i in range(2): print('progress', i, flush=True)")
     _cli(toy, '--only', 'clustering', '--log-output')
     _cli(toy, '--only', 'clustering', '--log-output', '--force')       # a second call adds no second handler
     out = capsys.readouterr().out

@@ -1,11 +1,11 @@
 "Tests of kt_paper.clustering: k-means backends, seeding, pseudo-labels, cross-dataset labelling, diagnostics."
 import numpy as np, pytest
 from sklearn.metrics import normalized_mutual_info_score as nmi
-from kt_paper import clustering as C
-from kt_paper.clustering import (ClusterConfig, make_blobs, kmeans, assign, kmeans_objective, fit_clusters, label_with_clusters,
-                                 load_pseudo_labels, cluster_diagnostics, fit_preprocessing, apply_preprocessing, Preprocessing)
+from kt_paper import clustering as C, kmeans as K
+from kt_paper.clustering import ClusterConfig, fit_clusters, label_with_clusters, load_pseudo_labels, cluster_diagnostics
+from kt_paper.kmeans import make_blobs, kmeans, assign, kmeans_objective, fit_preprocessing, apply_preprocessing, Preprocessing
 
-needs_faiss = pytest.mark.skipif(not C.HAVE_FAISS, reason='faiss not installed')
+needs_faiss = pytest.mark.skipif(not K.HAVE_FAISS, reason='faiss not installed')
 
 @pytest.mark.parametrize('backend', [pytest.param('faiss', marks=needs_faiss), 'torch'])
 def test_blobs_recovered(backend):
@@ -41,7 +41,7 @@ def test_empty_clusters_are_resplit():
     # 5 distinct points, 5 clusters, initialised with 4 copies of one point: the empty ones must be re-seeded
     x = np.repeat(np.eye(5, dtype=np.float32) * 10, 20, axis=0)
     init = np.stack([x[0]] * 4 + [x[-1]])
-    c, nsplit = C.torch_lloyd(x, init, niter=10, device='cpu')
+    c, nsplit = K.torch_lloyd(x, init, niter=10, device='cpu')
     assert nsplit > 0
     assert len(np.unique(c.round(6), axis=0)) == 5  # no duplicated centres left behind
 

@@ -10,7 +10,9 @@ from kt_paper import data as D
 from kt_paper.data import (VOC_CLASSES, AnnotationError, DataError, ImageReadError, load_rgb, read_class_folder,
                            read_unlabeled, read_tiny_imagenet, read_image_set, parse_voc_xml, read_voc, read_voc_class_files,
                            read_voc_segmentation, voc_class_labels, verify_images)
-from kt_paper.synthetic import BUILTIN_SCALES, SCENE_CLASSES, ensure_builtin_dataset
+from kt_paper.samples import run_data
+from kt_paper.synthetic import SCENE_CLASSES
+from kt_paper.builtin import BUILTIN_SCALES, ensure_builtin_dataset
 
 SHARED = Path(os.environ.get('KT_PAPER_SHARED_DATA', Path(__file__).resolve().parents[1].parent/'shared'/'data'))
 
@@ -118,7 +120,7 @@ def test_dataset_roots_and_read_role(builtin, monkeypatch):
 
 def test_run_data_reads_every_split_and_writes_the_sheets(builtin, tmp_path):
     s = BUILTIN_SCALES['test']
-    res = D.run_data(tmp_path/'run', 'test', seed=0, builtin_dir=builtin)
+    res = run_data(tmp_path/'run', 'test', seed=0, builtin_dir=builtin)
     assert res['images'] == dict(imagenet=dict(train=20*s['n_objects_train'], val=20*s['n_objects_val']),
                                  places=dict(train=len(SCENE_CLASSES)*s['n_scenes_train'], val=len(SCENE_CLASSES)*s['n_scenes_val']),
                                  voc07=dict(trainval=s['n_voc07_trainval'], test=s['n_voc07_test']),
@@ -126,18 +128,18 @@ def test_run_data_reads_every_split_and_writes_the_sheets(builtin, tmp_path):
     assert res['sheets'] == [str(tmp_path/'run'/'figures'/f'data_samples_{r}.png') for r in D.ROLES]
     assert all(Image.open(p).size[0] > 200 for p in res['sheets'])
     assert res['builtin'] == list(D.ROLES) and res['roots']['voc07'] == str(builtin/'VOCdevkit'/'VOC2007')
-    other = D.run_data(tmp_path/'run2', 'test', builtin_dir=builtin, fig_dir=tmp_path/'figs')
+    other = run_data(tmp_path/'run2', 'test', builtin_dir=builtin, fig_dir=tmp_path/'figs')
     assert [Path(p).parent for p in other['sheets']] == [tmp_path/'figs']*4
 
 
 def test_run_data_fails_early_naming_the_file(builtin, tmp_path):
-    with pytest.raises(DataError, match="ILSVRC2012: folder for role 'imagenet' not found"): D.run_data(tmp_path, 'paper', tmp_path)
-    with pytest.raises(TypeError, match='no field'): D.run_data(tmp_path, 'test', builtin_dir=builtin, colour=1)
+    with pytest.raises(DataError, match="ILSVRC2012: folder for role 'imagenet' not found"): run_data(tmp_path, 'paper', tmp_path)
+    with pytest.raises(TypeError, match='no field'): run_data(tmp_path, 'test', builtin_dir=builtin, colour=1)
     real = tmp_path/'data'; shutil.copytree(builtin/'VOCdevkit'/'VOC2007', real/'VOC2007')
     for sub in ('objects', 'scenes'): (real/sub).symlink_to(builtin/sub)
     (real/'VOC2007'/'ImageSets'/'Main'/'test.txt').unlink()
     with pytest.raises(AnnotationError, match=r'test\.txt: split file not found'):
-        D.run_data(tmp_path/'run', 'test', real, builtin_dir=builtin, imagenet='objects', places='scenes', voc07='VOC2007')
+        run_data(tmp_path/'run', 'test', real, builtin_dir=builtin, imagenet='objects', places='scenes', voc07='VOC2007')
     assert not (tmp_path/'run'/'figures').exists()       # nothing written before every split has been read
 
 

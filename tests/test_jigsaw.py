@@ -5,6 +5,7 @@ import numpy as np, pytest, torch
 from PIL import Image
 warnings.filterwarnings('ignore', category=FutureWarning)
 from kt_paper.jigsaw import *
+from kt_paper.permutations import *
 from kt_paper.jigsaw import _colour_normalise
 from kt_paper.nets import cut_at, build_cfn, JigsawNet, JigsawHead
 from kt_paper.train import checkpoint_state

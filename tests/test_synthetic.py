@@ -11,7 +11,9 @@ from kt_paper import synthetic as S
 from kt_paper.core import load_json, save_json
 from kt_paper.data import (VOC_CLASSES, DataError, VOCAnnotation, VOCObject, load_mask, parse_voc_xml, read_voc,
                            read_voc_class_files, read_voc_segmentation)
-from kt_paper.synthetic import BUILTIN_SCALES, BUILTIN_VERSION, SCENE_CLASSES, ensure_builtin_dataset, make_builtin_dataset
+from kt_paper import builtin as B
+from kt_paper.synthetic import SCENE_CLASSES
+from kt_paper.builtin import BUILTIN_SCALES, BUILTIN_VERSION, ensure_builtin_dataset, make_builtin_dataset
 
 TINY = dict(n_objects_train=1, n_objects_val=1, n_scenes_train=1, n_scenes_val=1,
             n_voc07_trainval=4, n_voc07_test=4, n_voc12_train=2, n_voc12_val=2)
@@ -106,7 +108,7 @@ def test_builtin_masks_match_boxes(builtin):
 def test_voc_xml_reads_back(tmp_path):
     ann = VOCAnnotation('000007.jpg', 120, 90, (VOCObject('cat', (1, 2, 30, 40), truncated=True, pose='Left'),
                                                 VOCObject('bottle', (50, 5, 60, 80), difficult=True)), segmented=True)
-    (tmp_path/'a.xml').write_text(S.voc_xml(ann, 'VOC2012'))
+    (tmp_path/'a.xml').write_text(B.voc_xml(ann, 'VOC2012'))
     assert parse_voc_xml(tmp_path/'a.xml') == ann
 
 
@@ -114,5 +116,5 @@ def test_default_root_is_under_the_cache(tmp_path, monkeypatch):
     monkeypatch.setenv('KT_PAPER_CACHE', str(tmp_path/'cache'))
     monkeypatch.setitem(BUILTIN_SCALES, 'test', dict(size=96, **TINY))
     root = ensure_builtin_dataset(seed=2, scale='test', n_workers=0)
-    assert root == S.builtin_root(2, 'test') and root.parent == tmp_path/'cache'
+    assert root == B.builtin_root(2, 'test') and root.parent == tmp_path/'cache'
     assert load_json(root/'builtin.json')['args']['seed'] == 2

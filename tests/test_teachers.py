@@ -150,7 +150,7 @@ def _save_jigsaw(out, seed):
     return save_jigsaw_net(build_cfn(n_perms=8, init='torch', **T.cfn_args('test')), out/'jigsaw'/'jigsaw_cfn.pth')
 
 def test_run_teachers_stage(tmp_path):
-    "run_teachers (test preset): every teacher's four feature files where 09_clustering reads them; reuse only on a fingerprint match."
+    "run_teachers (test preset): every teacher's four feature files where 13_clustering reads them; reuse only on a fingerprint match."
     _save_jigsaw(tmp_path, 0)
     run = lambda: T.run_teachers(tmp_path, 'test', seed=0, device='cpu', num_workers=0, supervised_epochs=1)
     r = run()
