@@ -12,7 +12,8 @@ import torch
 # %% auto #0
 __all__ = ['PRESET_NAMES', 'in_test', 'preset_name', 'pick_preset', 'seed_everything', 'get_device', 'cpu_has_bf16',
            'default_num_workers', 'atomic_path', 'save_json', 'load_json', 'save_array', 'save_checkpoint',
-           'load_checkpoint', 'fingerprint', 'project_root', 'resolve_out_dir', 'cache_dir', 'environment_info']
+           'load_checkpoint', 'fingerprint', 'project_root', 'resolve_out_dir', 'cache_dir', 'environment_info',
+           'show_doc']
 
 # %% ../nbs/00_core.ipynb #16f4d2db
 PRESET_NAMES = ('test', 'tiny', 'small', 'paper')
@@ -186,3 +187,15 @@ def environment_info() -> dict:
     if torch.cuda.is_available():
         info.update(cuda_version=torch.version.cuda, gpus=[torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])
     return info
+
+# %% ../nbs/00_core.ipynb #e5d0b14e
+def show_doc(sym, *args, **kwargs):
+    "nbdev's `show_doc` of `sym` when nbdev is installed; else its signature and docstring as Markdown."
+    try: from nbdev.showdoc import show_doc as _nbdev_show_doc
+    except ImportError: _nbdev_show_doc = None
+    if _nbdev_show_doc is not None: return _nbdev_show_doc(sym, *args, **kwargs)
+    import inspect
+    from IPython.display import Markdown
+    try: sig = str(inspect.signature(sym))
+    except (TypeError, ValueError): sig = ''
+    return Markdown(f"**`{getattr(sym, '__qualname__', repr(sym))}{sig}`**\n\n{inspect.getdoc(sym) or ''}")

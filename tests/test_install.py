@@ -1,7 +1,9 @@
 """Installed use: the built wheel, in a fresh virtual environment, runs `kt-paper` outside the repository.
 
-The fresh environment installs only the wheel (`--no-deps`) and borrows the already installed dependencies of the
-running environment through a `.pth` file, so the test needs no network and no second copy of torch.
+The fresh environment installs only the wheel (`--no-deps`) and borrows, from the running environment, the installed
+distributions that kt_paper's runtime requirements need (resolved recursively from their metadata), linked into a
+folder of their own: the dev extras (nbdev, pytest, ...) and anything only they pull in stay invisible, as after
+`pip install kt_paper`. No network, no second copy of torch.
 """
 import os, subprocess, sys, sysconfig, venv
 from pathlib import Path
@@ -14,6 +16,33 @@ def _run(cmd, **kw):
     assert r.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return r
 
+def _runtime_closure(dist_name:str) -> set:
+    "The installed distributions `dist_name` needs at run time (its requirements without extras, recursively)."
+    from importlib import metadata
+    from packaging.requirements import Requirement
+    seen, todo = set(), [dist_name]
+    while todo:
+        d = metadata.distribution(todo.pop())
+        name = d.metadata['Name'].lower().replace('_', '-')
+        if name in seen: continue
+        seen.add(name)
+        for r in map(Requirement, d.requires or []):
+            if r.marker is not None and not r.marker.evaluate({'extra': ''}): continue   # extras and other platforms
+            try: metadata.distribution(r.name)
+            except metadata.PackageNotFoundError: continue                             # optional, not installed
+            todo.append(r.name)
+    return seen
+
+def _link_distributions(names:set, dest:Path):
+    "Symlink the top-level files and folders of the installed distributions `names` (and their metadata) into `dest`."
+    from importlib import metadata
+    site = Path(sysconfig.get_paths()['purelib'])
+    for d in metadata.distributions():
+        if d.metadata['Name'].lower().replace('_', '-') not in names or d.metadata['Name'].lower() == 'kt-paper': continue
+        tops = {Path(f).parts[0] for f in (d.files or []) if not str(f).startswith('..')}
+        for t in tops:
+            if (site/t).exists() and not (dest/t).exists() and t != '__pycache__': (dest/t).symlink_to(site/t)
+
 @pytest.fixture(scope='module')
 def installed(tmp_path_factory):
     d = tmp_path_factory.mktemp('install')
@@ -22,9 +51,20 @@ def installed(tmp_path_factory):
     venv.EnvBuilder(with_pip=False).create(d/'env')
     py = d/'env'/'bin'/'python'
     purelib = _run([str(py), '-c', 'import sysconfig; print(sysconfig.get_paths()["purelib"])']).stdout.strip()
-    Path(purelib, '_borrowed_deps.pth').write_text(sysconfig.get_paths()['purelib'] + '\n')
+    deps = d/'runtime_deps'; deps.mkdir()
+    _link_distributions(_runtime_closure('kt_paper') - {'kt-paper'}, deps)
+    Path(purelib, '_runtime_deps.pth').write_text(str(deps) + '\n')
     _run([sys.executable, '-m', 'pip', 'install', '-q', '--no-deps', '--target', purelib, str(wheel)])
     return d, py
+
+def test_fresh_environment_sees_no_dev_extras(installed):
+    d, py = installed
+    for mod in ('nbdev', 'pytest', 'pyflakes'):
+        r = subprocess.run([str(py), '-c', f'import {mod}'], capture_output=True, text=True, cwd=d)
+        assert r.returncode != 0, f'{mod} is importable in the fresh environment: the test would not catch a runtime import of it'
+    v = _run([str(py), '-c', 'import kt_paper; print(kt_paper.__version__)'], cwd=d).stdout.strip()
+    import tomllib
+    assert v == tomllib.loads((ROOT/'pyproject.toml').read_text())['project']['version']
 
 def test_wheel_ships_notebooks_and_cli(installed):
     d, py = installed
@@ -36,7 +76,10 @@ def test_wheel_ships_notebooks_and_cli(installed):
 def test_installed_reproduce_runs_outside_repo(installed):
     d, py = installed
     env = {**os.environ, 'IN_TEST': '1', 'MPLBACKEND': 'agg'}
-    _run([str(py), '-c', 'from kt_paper.reproduce import main; main(["reproduce", "--preset", "test", "--only", "data", "--out", "run"])'],
-         cwd=d, env=env)
-    assert (d/'run'/'notebooks'/'04_samples.ipynb').exists() and (d/'run'/'manifest.json').exists()
+    env.pop('PYTHONPATH', None)
+    _run([str(py), '-c', 'from kt_paper.reproduce import main; main(["reproduce", "--preset", "test", "--out", "run"])'], cwd=d, env=env)
+    m = (d/'run'/'manifest.json')
+    assert (d/'run'/'notebooks'/'04_samples.ipynb').exists() and m.exists()
+    import json
+    assert len(json.loads(m.read_text())['stages']) == 7, 'every stage ran'
     assert (d/'run'/'figures').is_dir()   # outside a checkout, figures go under the run folder
