@@ -13,7 +13,7 @@ import torch
 __all__ = ['PRESET_NAMES', 'in_test', 'preset_name', 'pick_preset', 'seed_everything', 'get_device', 'cpu_has_bf16',
            'default_num_workers', 'atomic_path', 'save_json', 'load_json', 'save_array', 'save_checkpoint',
            'load_checkpoint', 'fingerprint', 'project_root', 'resolve_out_dir', 'cache_dir', 'environment_info',
-           'show_doc']
+           'pin_mmap_threshold', 'show_doc']
 
 # %% ../nbs/00_core.ipynb #16f4d2db
 PRESET_NAMES = ('test', 'tiny', 'small', 'paper')
@@ -187,6 +187,18 @@ def environment_info() -> dict:
     if torch.cuda.is_available():
         info.update(cuda_version=torch.version.cuda, gpus=[torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())])
     return info
+
+# %% ../nbs/00_core.ipynb #19ca5de6
+_M_MMAP_THRESHOLD = -3  # glibc's `mallopt` parameter number (malloc.h)
+
+def pin_mmap_threshold(nbytes:int=128*1024 # allocations at least this large get their own mapping (glibc's initial default)
+                      ) -> bool:
+    "Fix glibc's mmap threshold: big freed buffers go back to the OS instead of growing the heap; False without glibc."
+    import ctypes
+    try: mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError, TypeError): return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, nbytes))
 
 # %% ../nbs/00_core.ipynb #e5d0b14e
 def show_doc(sym, *args, **kwargs):

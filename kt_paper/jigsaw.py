@@ -17,7 +17,7 @@ from .images import resize_centre_crop
 from .nets import JigsawNet, build_cfn
 from .permutations import save_permutations, permutation_set
 from .train import fit, step_lr, one_cycle, one_cycle_mom, checkpoint_state, precision_policy, process_batch_size, digest, image_ids
-from .core import (pick_preset, seed_everything, get_device, default_num_workers, fingerprint, save_checkpoint, load_checkpoint)
+from .core import (pick_preset, seed_everything, get_device, default_num_workers, fingerprint, save_checkpoint, load_checkpoint, pin_mmap_threshold)
 
 # %% auto #0
 __all__ = ['COLOUR_POLICIES', 'JIGSAW_PRESETS', 'COLOUR_PROJECTION', 'PRETEXT_VARIANTS', 'PRESET_VARIANTS', 'JigsawConfig',
@@ -332,8 +332,10 @@ def jigsaw_dataloaders(train_items:Sequence,         # training images (paths, P
                        bs:int|None=None              # puzzles per batch of this process (default `cfg.bs`)
                       ) -> DataLoaders:
     "fastai `DataLoaders` of training puzzles (new each epoch) and fixed held-out puzzles."
-    tr = PuzzleDataset(train_items[:cfg.n_train], cfg, perms, loader, seed)
-    va = PuzzleDataset(valid_items[:cfg.n_valid], cfg, perms, loader, seed + 1, fixed=True)
+    # crops are kept only when every one is prepared up front (and shared by the forked workers): memory stays flat otherwise
+    tr = PuzzleDataset(train_items[:cfg.n_train], cfg, perms, loader, seed, cache=cfg.preload)
+    va = PuzzleDataset(valid_items[:cfg.n_valid], cfg, perms, loader, seed + 1, fixed=True, cache=cfg.preload)
+    if not cfg.preload: pin_mmap_threshold()   # decoded images freed at once go back to the OS (glibc), in the workers too
     if cfg.preload: tr.preload(); va.preload()
     nw = cfg.num_workers if num_workers is None else num_workers
     nw = default_num_workers() if nw is None else nw

@@ -17,13 +17,13 @@ from .images import InputNorm, imagenet_normalize, resize_centre_crop
 from .train import autocast_for, digest, fit, image_ids, one_cycle, one_cycle_mom
 from .data import load_rgb
 from fastai.callback.schedule import ParamScheduler
-from .core import (pick_preset, get_device, default_num_workers, save_json, load_json, fingerprint, seed_everything, save_checkpoint, load_checkpoint)
+from .core import (pick_preset, get_device, default_num_workers, save_json, load_json, fingerprint, seed_everything, save_checkpoint, load_checkpoint, pin_mmap_threshold)
 
 # %% auto #0
 __all__ = ['TEACHER_PRESETS', 'IMAGE_SETS', 'TeacherConfig', 'Teacher', 'hog_dim', 'HOGTeacher', 'hog_teacher', 'pool_features',
            'CNNTeacher', 'jigsaw_teacher', 'random_teacher', 'torchvision_teacher', 'train_supervised_teacher',
-           'supervised_teacher', 'manifest_path', 'load_features', 'pin_mmap_threshold', 'extract_features',
-           'teacher_image_sets', 'jigsaw_checkpoint', 'supervised_trunk', 'cfn_args', 'stage_teachers', 'run_teachers']
+           'supervised_teacher', 'manifest_path', 'load_features', 'extract_features', 'teacher_image_sets',
+           'jigsaw_checkpoint', 'supervised_trunk', 'cfn_args', 'stage_teachers', 'run_teachers']
 
 # %% ../nbs/11_teachers.ipynb #16282fec
 @dataclasses.dataclass(frozen=True)
@@ -251,18 +251,6 @@ def load_features(path) -> tuple[np.ndarray, dict]:
     x = np.load(path, mmap_mode='r')
     if list(x.shape) != man['shape']: raise ValueError(f"{path}: shape {x.shape} does not match its manifest {man['shape']}")
     return x, man
-
-# %% ../nbs/11_teachers.ipynb #19ca5de6
-_M_MMAP_THRESHOLD = -3  # glibc's `mallopt` parameter number (malloc.h)
-
-def pin_mmap_threshold(nbytes:int=128*1024 # allocations at least this large get their own mapping (glibc's initial default)
-                      ) -> bool:
-    "Fix glibc's mmap threshold: big freed buffers go back to the OS instead of growing the heap; False without glibc."
-    import ctypes
-    try: mallopt = ctypes.CDLL(None).mallopt
-    except (AttributeError, OSError, TypeError): return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_MMAP_THRESHOLD, nbytes))
 
 # %% ../nbs/11_teachers.ipynb #101338da
 def extract_features(teacher:Teacher,          # what computes the features
