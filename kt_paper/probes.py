@@ -24,8 +24,9 @@ from .train import step_lr, EpochSeed, fit
 __all__ = ['PROBE_GRIDS_227', 'FMAP_SIDES_227', 'PROBE_PRESETS', 'NL_LAYERS', 'PROBE_ROLES', 'NONLINEAR_SETS', 'PAPER_ROW_NAMES',
            'probe_grids', 'probe_dims', 'ProbeConfig', 'freeze_', 'LinearProbes', 'multi_head_loss',
            'linear_probe_learner', 'partial_sgd', 'evaluate_heads', 'PartlyFrozen', 'nonlinear_probe_model',
-           'probe_dls', 'run_linear_probes', 'run_nonlinear_probe', 'parse_probe_sets', 'probe_set_roots',
-           'probe_split', 'probe_table', 'cached_probe', 'probe_models', 'probe_set', 'run_probes', 'demo_students']
+           'probe_dls', 'run_linear_probes', 'nonlinear_probe_learner', 'run_nonlinear_probe', 'parse_probe_sets',
+           'probe_set_roots', 'probe_split', 'probe_table', 'cached_probe', 'probe_models', 'probe_set', 'run_probes',
+           'demo_students']
 
 # %% ../nbs/15_probes.ipynb #7985f1da
 PROBE_GRIDS_227 = dict(conv1=10, conv2=6, conv3=5, conv4=5, conv5=6)  # Zhang et al.'s grids at 227 px
@@ -194,16 +195,19 @@ def run_linear_probes(model:AlexNet,        # the frozen network
     fit(learn, cfg.lin_epochs, precision=precision)
     return evaluate_heads(probes, dls.valid)
 
+def nonlinear_probe_learner(net:nn.Module, dls:DataLoaders, cfg:ProbeConfig, seed:int=0) -> Learner:
+    "A `Learner` retraining the unfrozen part of `net` (`nonlinear_probe_model`) with the probes' SGD and step schedule."
+    sched = ParamScheduler({'lr': step_lr(cfg.nl_lr, cfg.nl_milestones, cfg.nl_epochs)})
+    return Learner(dls, net, loss_func=nn.CrossEntropyLoss(), opt_func=partial_sgd(cfg), lr=cfg.nl_lr,
+                   splitter=lambda m: [[p for p in m.parameters() if p.requires_grad]], metrics=accuracy,
+                   cbs=[EpochSeed(seed), sched])
+
 def run_nonlinear_probe(model:AlexNet, dls:DataLoaders, n_classes:int, layer:str, cfg:ProbeConfig, seed:int=0,
                         device='cpu', precision:str|None=None) -> float:
     "Freeze `model` up to `layer`, retrain the rest on the labels; return val top-1."
     seed_everything(seed)
     net = nonlinear_probe_model(model, layer, n_classes, seed).to(device)
-    sched = ParamScheduler({'lr': step_lr(cfg.nl_lr, cfg.nl_milestones, cfg.nl_epochs)})
-    learn = Learner(dls, net, loss_func=nn.CrossEntropyLoss(), opt_func=partial_sgd(cfg), lr=cfg.nl_lr,
-                    splitter=lambda m: [[p for p in m.parameters() if p.requires_grad]], metrics=accuracy,
-                    cbs=[EpochSeed(seed), sched])
-    fit(learn, cfg.nl_epochs, precision=precision)
+    fit(nonlinear_probe_learner(net, dls, cfg, seed), cfg.nl_epochs, precision=precision)
     return evaluate_top1(net, dls.valid)
 
 # %% ../nbs/15_probes.ipynb #d20a2e34

@@ -206,7 +206,8 @@ def voc07_classification(model:nn.Module,   # an AlexNet student (its conv layer
                          ckpt_every:int=0,   # checkpoint every this many steps at most (0: at the end only)
                          cache:bool=True,    # keep decoded images in memory
                          precision:str|None=None,   # see `train.precision_policy`
-                         num_workers:int|None=None  # loader workers (None: `loader_workers`' choice)
+                         num_workers:int|None=None, # loader workers (None: `loader_workers`' choice)
+                         cbs=None                   # extra training callbacks (e.g. `rehearsal.StepTimer`)
                         ) -> dict:
     "Fine-tune on VOC07 `cfg.train_split`, score `cfg.test_split`: per-class AP and mAP, 11-point and all-point."
     t0, c0 = time.time(), time.process_time(); seed_everything(seed); device = get_device(device)
@@ -218,7 +219,7 @@ def voc07_classification(model:nn.Module,   # an AlexNet student (its conv layer
     fp = fingerprint('cls', dataclasses.asdict(cfg), seed, voc_digest(tr), model_digest(model))
     t1 = time.time()
     learn = train_steps(net, ClsDraws(s_tr, ytr, cfg, seed), cfg, masked_bce, device, seed, run_dir, fp, ckpt_every,
-                        precision, loader_workers(device, s_tr, num_workers))
+                        precision, loader_workers(device, s_tr, num_workers), cbs=cbs)
     t2 = time.time()
     scores = predict_classification(net, s_te, cfg, seed, device, precision=precision)
     r11, rall = classification_map(scores, yte, VOC_CLASSES, True), classification_map(scores, yte, VOC_CLASSES, False)
@@ -279,7 +280,7 @@ def predict_segmentation(model:nn.Module, store:ImageStore, masks:list, n_classe
 
 def voc12_segmentation(model:nn.Module, voc12:str|Path, cfg:SegConfig, seed:int=0, device='cpu',
                        run_dir:str|Path|None=None, ckpt_every:int=0, cache:bool=True, precision:str|None=None,
-                       num_workers:int|None=None) -> dict:
+                       num_workers:int|None=None, cbs=None) -> dict:
     "Fine-tune an FCN-32s on VOC12 `cfg.train_split` and score mean IoU (21 classes, 255 ignored) on `cfg.test_split`."
     t0, c0 = time.time(), time.process_time(); seed_everything(seed); device = get_device(device)
     tr = nonempty_split(read_voc_seg_split(voc12, cfg.train_split), voc12, cfg.train_split)
@@ -290,7 +291,7 @@ def voc12_segmentation(model:nn.Module, voc12:str|Path, cfg:SegConfig, seed:int=
     fp = fingerprint('seg', dataclasses.asdict(cfg), seed, digest(image_ids(p for pair in tr for p in pair)), model_digest(model))
     t1 = time.time()
     learn = train_steps(net, SegDraws(s_tr, m_tr, cfg, seed), cfg, seg_loss, device, seed, run_dir, fp, ckpt_every,
-                        precision, loader_workers(device, s_tr, num_workers))
+                        precision, loader_workers(device, s_tr, num_workers), cbs=cbs)
     t2 = time.time()
     cm = predict_segmentation(net, s_te, m_te, 21, device, precision)
     iou = iou_per_class(cm)
@@ -373,7 +374,7 @@ def predict_detection(det:nn.Module, store:ImageStore, ids:list, scales=None, nm
 
 def voc07_detection(model:nn.Module, voc07:str|Path, cfg:DetConfig, multi_scale:bool=False, seed:int=0, device='cpu',
                     run_dir:str|Path|None=None, ckpt_every:int=0, cache:bool=True, precision:str|None=None,
-                    num_workers:int|None=None) -> dict:
+                    num_workers:int|None=None, cbs=None) -> dict:
     "Fine-tune a Faster R-CNN on VOC07 `cfg.train_split`, score AP@0.5 on `cfg.test_split` (11-point and all-point)."
     t0, c0 = time.time(), time.process_time(); seed_everything(seed); device = get_device(device)
     tr = nonempty_split(read_voc_split(voc07, cfg.train_split), voc07, cfg.train_split)
@@ -383,7 +384,7 @@ def voc07_detection(model:nn.Module, voc07:str|Path, cfg:DetConfig, multi_scale:
     fp = fingerprint('det', multi_scale, dataclasses.asdict(cfg), seed, voc_digest(tr), model_digest(model))
     t1 = time.time()
     learn = train_steps(det, DetDraws(s_tr, tr, cfg, seed), cfg, det_loss, device, seed, run_dir, fp, ckpt_every,
-                        precision, loader_workers(device, s_tr, num_workers), det_collate, n_inp=2)
+                        precision, loader_workers(device, s_tr, num_workers), det_collate, n_inp=2, cbs=cbs)
     t2 = time.time()
     dets = predict_detection(det, s_te, [i.id for i in te], list(cfg.ms_scales) if multi_scale else None, cfg.nms,
                              cfg.max_dets, device, precision)
@@ -401,9 +402,9 @@ PROTOCOLS = ('cls', 'det_ss', 'det_ms', 'seg')
 _CHECKPOINT_FILES = ('last.pth', 'last.pth.json', 'last_opt.pth', 'last_state.json')   # what `train.Checkpoint` writes
 
 def run_protocol(model:nn.Module, protocol:str, cfg:TransferConfig, voc07:Path, voc12:Path, seed:int=0,
-                 device='cpu', run_dir:Path|None=None, precision:str|None=None, num_workers:int|None=None) -> dict:
+                 device='cpu', run_dir:Path|None=None, precision:str|None=None, num_workers:int|None=None, cbs=None) -> dict:
     "One protocol (`'cls'`, `'det_ss'`, `'det_ms'` or `'seg'`) for one model."
-    kw = dict(seed=seed, device=device, run_dir=run_dir, ckpt_every=cfg.ckpt_every, precision=precision, num_workers=num_workers)
+    kw = dict(seed=seed, device=device, run_dir=run_dir, ckpt_every=cfg.ckpt_every, precision=precision, num_workers=num_workers, cbs=cbs)
     if protocol == 'cls': return voc07_classification(model, voc07, cfg.cls, **kw)
     if protocol == 'det_ss': return voc07_detection(model, voc07, cfg.det, False, **kw)
     if protocol == 'det_ms': return voc07_detection(model, voc07, cfg.det, True, **kw)
