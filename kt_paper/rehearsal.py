@@ -319,7 +319,7 @@ def write_rehearsal(rows:list, info:dict, fig_dir:str|Path) -> list[Path]:
     with atomic_path(fig_dir/'rehearsal.csv') as t:
         with open(t, 'w', newline='') as f:
             w = csv.DictWriter(f, REHEARSAL_COLUMNS); w.writeheader()
-            for v in vals: w.writerow({k: (round(x, 4) if isinstance(x, float) else x) for k, x in v.items()})
+            for v in vals: w.writerow({k: (float(f'{x:.6g}') if isinstance(x, float) else x) for k, x in v.items()})
     fmt = lambda x, d=2: 'n/a' if isinstance(x, float) and math.isnan(x) else (f'{x:,.{d}f}' if isinstance(x, float) else f'{x:,}' if isinstance(x, int) else x)
     lines = [f"# Rehearsal of the `{info['preset']}` preset", '',
              f"Machine: {info['machine']}; precision {info['precision']}. Every stage ran the preset's own models, sizes, "
