@@ -23,8 +23,8 @@ from .core import (pick_preset, seed_everything, get_device, default_num_workers
 __all__ = ['COLOUR_POLICIES', 'JIGSAW_PRESETS', 'COLOUR_PROJECTION', 'PRETEXT_VARIANTS', 'PRESET_VARIANTS', 'JigsawConfig',
            'sample_puzzles', 'assemble_puzzle', 'prepare_image', 'assemble_puzzles_torch', 'PuzzleDataset',
            'CropDataset', 'DevicePuzzles', 'cfn_from_config', 'save_jigsaw_net', 'perms_path', 'load_jigsaw_net',
-           'jigsaw_dataloaders', 'SetEpoch', 'jigsaw_schedule', 'jigsaw_epochs', 'jigsaw_learner', 'train_jigsaw',
-           'run_pretext', 'pretext_variants', 'draw_puzzle', 'figure3']
+           'jigsaw_dataloaders', 'SetEpoch', 'jigsaw_schedule', 'jigsaw_epochs', 'scale_bias_grads_', 'jigsaw_learner',
+           'train_jigsaw', 'run_pretext', 'pretext_variants', 'draw_puzzle', 'figure3']
 
 # %% ../nbs/10_jigsaw.ipynb #7ab92997
 @dataclass(frozen=True)
@@ -52,7 +52,9 @@ class JigsawConfig:
     conv1_kernel:int=11       # AlexNet conv1 kernel size
     conv1_stride:int=2        # AlexNet conv1 stride (the CFN uses 2)
     conv1_pad:int=0           # AlexNet conv1 padding
-    init:str='paper'          # 'paper' (Gaussian 0.01/0.005 as in Caffe) or 'torch' (PyTorch defaults)
+    init:str='paper'          # 'paper' (Gaussian 0.01/0.005, biases as the released CFN) or 'torch' (PyTorch defaults)
+    ceil_mode:bool=True       # Caffe's max-pool rounding, as the released CFN (pool5 3x3, fc6 2,304 per tile); False: floor
+    bias_lr_mult:float=2.     # learning-rate multiplier of the biases (the released prototxt's lr_mult 2; SGD only)
     # optimisation
     bs:int=256                # puzzles per batch
     iterations:int=350_000    # training iterations (batches)
@@ -85,13 +87,13 @@ COLOUR_POLICIES = ('paper', 'code', 'none', 'gray')
 JIGSAW_PRESETS = {
     'paper': JigsawConfig(preload=False),
     'small': JigsawConfig(resize=128, crop=126, cell=42, tile=32, jitter=8, n_perms=100, arch='alexnet', width=0.25,
-                          bn=True, conv1_kernel=5, conv1_stride=2, conv1_pad=2, init='torch', tile_scale=1., bs=64,
+                          bn=True, conv1_kernel=5, conv1_stride=2, conv1_pad=2, init='torch', ceil_mode=False, tile_scale=1., bs=64,
                           iterations=1_500, opt='adam', lr=3e-3, wd=1e-4, schedule='one_cycle'),
     'tiny': JigsawConfig(resize=64, crop=63, cell=21, tile=16, jitter=3, n_perms=24, width=0.125, bn=False,
-                         conv1_kernel=3, conv1_stride=1, conv1_pad=1, init='torch', tile_scale=1., bs=64,
+                         conv1_kernel=3, conv1_stride=1, conv1_pad=1, init='torch', ceil_mode=False, tile_scale=1., bs=64,
                          iterations=250, opt='adam', lr=3e-3, wd=1e-4, schedule='one_cycle'),
     'test': JigsawConfig(resize=60, crop=60, cell=20, tile=16, jitter=2, n_perms=8, width=0.125, conv1_kernel=3,
-                         conv1_stride=1, conv1_pad=1, init='torch', tile_scale=1., bs=8, iterations=4, opt='adam',
+                         conv1_stride=1, conv1_pad=1, init='torch', ceil_mode=False, tile_scale=1., bs=8, iterations=4, opt='adam',
                          lr=1e-3, wd=0., schedule='one_cycle', n_train=32, n_valid=16, num_workers=0),
 }
 
@@ -294,7 +296,7 @@ def cfn_from_config(cfg:JigsawConfig, n_perms:int|None=None) -> JigsawNet:
     "`build_cfn` with the model settings of a `JigsawConfig`."
     return build_cfn(cfg.arch, n_perms or cfg.n_perms, cfg.width, cfg.tile, cfg.bn, cfg.n_tiles, init=cfg.init,
                      conv1_kernel=cfg.conv1_kernel, conv1_stride=cfg.conv1_stride, conv1_pad=cfg.conv1_pad,
-                     input_scale=cfg.tile_scale)
+                     ceil_mode=cfg.ceil_mode, input_scale=cfg.tile_scale)
 
 # %% ../nbs/10_jigsaw.ipynb #46fe815a
 def save_jigsaw_net(net:JigsawNet, path:str|Path, perms:np.ndarray|None=None) -> Path:
@@ -366,6 +368,11 @@ def jigsaw_epochs(cfg:JigsawConfig, n_images:int) -> tuple[int, int]:
     steps = max(1, n_images // cfg.bs)
     return max(1, math.ceil(cfg.iterations / steps)), steps
 
+# %% ../nbs/10_jigsaw.ipynb #c349078b
+def scale_bias_grads_(net:nn.Module, mult:float) -> list:
+    "Multiply every bias's gradient by `mult`: with SGD, Caffe's `lr_mult` on biases (fastai keeps them out of weight decay, as its `decay_mult: 0`)."
+    return [p.register_hook(lambda g, m=mult: g * m) for n, p in net.named_parameters() if n.endswith('bias')]
+
 # %% ../nbs/10_jigsaw.ipynb #25622ee8
 def jigsaw_learner(dls:DataLoaders, net:JigsawNet, cfg:JigsawConfig,
                    path:str|Path='.', # the run folder
@@ -374,6 +381,7 @@ def jigsaw_learner(dls:DataLoaders, net:JigsawNet, cfg:JigsawConfig,
     "A fastai `Learner` for the pretext task with the optimiser and weight decay of `cfg`, on `device`."
     device = get_device(device)
     net.to(device); Path(path).mkdir(parents=True, exist_ok=True)
+    if cfg.opt == 'sgd' and cfg.bias_lr_mult != 1: scale_bias_grads_(net, cfg.bias_lr_mult)
     if cfg.opt == 'sgd': opt = lambda ps, lr: SGD(ps, lr, mom=cfg.momentum, decouple_wd=False)
     elif cfg.opt == 'adam': opt = Adam
     else: raise ValueError(f"unknown optimiser {cfg.opt!r}")

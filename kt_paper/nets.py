@@ -12,10 +12,10 @@ from .core import save_checkpoint, load_checkpoint
 from .images import InputNorm
 
 # %% auto #0
-__all__ = ['ALEXNET_CHANNELS', 'ALEXNET_FC', 'CONV_LAYERS', 'VGG16_CFG', 'scaled', 'conv_block', 'fc_block', 'alexnet_features',
-           'AlexNet', 'init_alexnet_', 'build_alexnet', 'save_alexnet', 'load_alexnet', 'activation_shapes',
-           'alexnet_trunk', 'vgg16_trunk', 'JigsawHead', 'JigsawNet', 'build_cfn', 'layer_names', 'cut_at',
-           'layer_outputs']
+__all__ = ['ALEXNET_CHANNELS', 'ALEXNET_FC', 'CONV_LAYERS', 'VGG16_CFG', 'CFN_BIAS_ONE', 'scaled', 'conv_block', 'fc_block',
+           'alexnet_features', 'AlexNet', 'init_alexnet_', 'build_alexnet', 'save_alexnet', 'load_alexnet',
+           'activation_shapes', 'alexnet_trunk', 'vgg16_trunk', 'JigsawHead', 'JigsawNet', 'build_cfn', 'layer_names',
+           'cut_at', 'layer_outputs']
 
 # %% ../nbs/08_nets.ipynb #f31e6231
 ALEXNET_CHANNELS = (96, 256, 384, 384, 256) # conv1..conv5 filters of Caffe AlexNet
@@ -144,7 +144,7 @@ def activation_shapes(model:AlexNet, input_size:int|None=None) -> dict:
 def alexnet_trunk(width:float=1.0,   # channel multiplier
                   bn:bool=False,     # batch norm instead of LRN
                   conv1_kernel:int=11, conv1_stride:int=2, conv1_pad:int=0, # conv1 geometry (CFN: 11, 2, 0)
-                  ceil_mode:bool=False # max-pool rounding (the project's CFN: floor; Caffe: ceil)
+                  ceil_mode:bool=False # max-pool rounding (Caffe and the released CFN: ceil; False: PyTorch's floor)
                  ) -> nn.Sequential:
     "The AlexNet-CFN per-tile trunk: `alexnet_features` with conv biases and no input normalisation."
     return alexnet_features([scaled(c, width) for c in ALEXNET_CHANNELS], conv1_kernel, conv1_stride, conv1_pad,
@@ -189,12 +189,16 @@ class JigsawNet(nn.Module):
         return self.head(self.trunk(x.flatten(0, 1)))
 
 # %% ../nbs/08_nets.ipynb #8c9d6011
+CFN_BIAS_ONE = ('conv2', 'conv4', 'conv5', 'fc6', 'fc7')   # layers the released CFN prototxt starts with bias 1
+
 def _init_paper(net:JigsawNet):
-    "Caffe's initialisation: Gaussian std 0.01 (conv, fc8), 0.005 (fc6, fc7), zero biases."
-    for m in net.trunk.modules():
-        if isinstance(m, nn.Conv2d): nn.init.normal_(m.weight, 0, 0.01); nn.init.zeros_(m.bias)
-    for lin, std in ((net.head.fc6[1], 0.005), (net.head.fc7[0], 0.005), (net.head.fc8, 0.01)):
-        nn.init.normal_(lin.weight, 0, std); nn.init.zeros_(lin.bias)
+    "The released CFN's initialisation: Gaussian std 0.01 (conv, fc8), 0.005 (fc6, fc7); biases 1 on `CFN_BIAS_ONE`, else 0."
+    for name, child in net.trunk.named_children():
+        for m in child.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.normal_(m.weight, 0, 0.01); nn.init.constant_(m.bias, 1. if name in CFN_BIAS_ONE else 0.)
+    for name, lin, std in (('fc6', net.head.fc6[1], 0.005), ('fc7', net.head.fc7[0], 0.005), ('fc8', net.head.fc8, 0.01)):
+        nn.init.normal_(lin.weight, 0, std); nn.init.constant_(lin.bias, 1. if name in CFN_BIAS_ONE else 0.)
 
 def build_cfn(arch:str='alexnet',  # 'alexnet' (CFN) or 'vgg16'
               n_perms:int=701,     # classes of fc8
@@ -205,14 +209,16 @@ def build_cfn(arch:str='alexnet',  # 'alexnet' (CFN) or 'vgg16'
               dropout:float=0.5,   # dropout after fc6 and fc7
               init:str='paper',    # 'paper' (Caffe Gaussians) or 'torch' (PyTorch defaults)
               conv1_kernel:int=11, conv1_stride:int=2, conv1_pad:int=0, # AlexNet conv1 geometry
+              ceil_mode:bool=False, # Caffe's max-pool rounding in the AlexNet trunk (the released CFN's); False: floor
               cfn_arch:str|None=None, # alias of `arch` (the name used in checkpoint sidecars)
               input_scale:float=1.   # the `tile_scale` its tiles were multiplied by (recorded for consumers, see `kt_paper.images`)
              ) -> JigsawNet:
     "Build a Jigsaw teacher: an AlexNet-CFN or VGG16 trunk and the fc6-concat-fc7-fc8 head."
     arch = cfn_arch or arch
     args = dict(cfn_arch=arch, n_perms=n_perms, width=width, tile=tile, bn=bn, n_tiles=n_tiles, dropout=dropout, init=init,
-                conv1_kernel=conv1_kernel, conv1_stride=conv1_stride, conv1_pad=conv1_pad, input_scale=input_scale)
-    if arch == 'alexnet': trunk = alexnet_trunk(width, bn, conv1_kernel, conv1_stride, conv1_pad)
+                conv1_kernel=conv1_kernel, conv1_stride=conv1_stride, conv1_pad=conv1_pad, input_scale=input_scale,
+                ceil_mode=ceil_mode)
+    if arch == 'alexnet': trunk = alexnet_trunk(width, bn, conv1_kernel, conv1_stride, conv1_pad, ceil_mode)
     elif arch == 'vgg16': trunk = vgg16_trunk(width, bn)
     else: raise ValueError(f"unknown arch {arch!r}; expected 'alexnet' or 'vgg16'")
     with torch.no_grad():

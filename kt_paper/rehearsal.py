@@ -222,7 +222,8 @@ def rehearse_probes(paths:list, preset:str, steps:int, device) -> list:
     nl = nonlinear_probe_model(net, 'conv5', 1000).to(get_device(device))
     with PeakRSS() as m: fit(nonlinear_probe_learner(nl, dls, cfg), 1, quiet=True, cbs=[t])
     rows.append(_row('evaluation', 'non-linear probe from conv5 (ImageNet), images', _timed(t), cfg.bs, m, 0, cfg.nl_epochs * math.ceil(n_full / cfg.bs),
-                     len(cfg.nl_layers), 0., f'{cfg.nl_epochs} epochs per layer, {len(cfg.nl_layers)} layers, per model (one model counted)'))
+                     len(cfg.nl_layers) * jobs['probe_models'], 0.,
+                     f'{cfg.nl_epochs} epochs per layer, {len(cfg.nl_layers)} layers for each of {jobs["probe_models"]} models'))
     return rows
 
 # %% ../nbs/21_rehearsal.ipynb #6927b2e8
@@ -297,9 +298,14 @@ def run_rehearsal(preset:str='paper',               # the preset whose configura
     info = dict(preset=preset, machine=machine_line(device), precision=precision_policy(device).name,
                 data={r: f'{p} ({source[r]})' for r, p in roots.items()}, steps=steps, n_images=n_images,
                 rehearsal_seconds=round(time.time() - t_start, 1), input_rates=rates, jobs=full_run_jobs(preset),
+                image_sizes=sorted({min(_image_size(p)) for p in paths[:20]}),
                 total_hours=sum(r.hours for r in rows), environment=environment_info())
     write_rehearsal(rows, info, fig_dir)
     return rows
+
+def _image_size(path) -> tuple:
+    from PIL import Image
+    with Image.open(path) as im: return im.size
 
 def machine_line(device) -> str:
     "The machine in words: CPU model, cores, bf16 units, GPU."
@@ -334,10 +340,14 @@ def write_rehearsal(rows:list, info:dict, fig_dir:str|Path) -> list[Path]:
     by_stage = {}
     for r in rows: by_stage[r.stage] = by_stage.get(r.stage, 0.) + r.hours
     lines += ['', '| stage | projected hours on this machine |', '|---|---|'] + [f'| {s} | {h:,.1f} |' for s, h in by_stage.items()]
+    small = min(info.get('image_sizes') or [10**9])
     lines += [f"| **total** | **{info['total_hours']:,.1f}** (= {info['total_hours'] / 24:,.1f} days) |", '',
               'Input pipeline, one core: ' + ', '.join(f'{k} {v:.0f} images/s' for k, v in info['input_rates'].items()) +
               '. A Jigsaw++ puzzle needs ~1.7 decoded images: feeding 10,000 puzzles/s takes about ' +
-              ', '.join(f'{1.7e4 / v:.0f} cores ({k})' for k, v in info['input_rates'].items()) + '.',
+              ', '.join(f'{1.7e4 / v:.0f} cores ({k})' for k, v in info['input_rates'].items()) + '.' +
+              (f' (These images are {small} px on their shorter side, no larger than the 256-px target: draft mode cannot'
+               ' shrink them, so the two rates agree here; on full-resolution ImageNet it decodes at a fraction of the size.)'
+               if small <= 256 else ''),
               f"Peak memory over all stages: {max(r.peak_rss_gb for r in rows):.1f} GB; disk for the full run's artefacts: "
               f"{sum(r.disk_gb for r in rows):,.1f} GB."]
     with atomic_path(fig_dir/'rehearsal.md') as t: Path(t).write_text('\n'.join(lines) + '\n')
