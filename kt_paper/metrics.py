@@ -13,10 +13,12 @@ __all__ = ['voc_ap', 'pr_curve', 'classification_ap', 'classification_map', 'box
 # %% ../nbs/16_metrics.ipynb #cadb6fde
 def voc_ap(rec, # recall at each rank (non-decreasing)
            prec, # precision at each rank
-           use_07_metric:bool=True # 11-point AP (VOC2007) instead of the all-point area (VOC2010+)
+           use_07_metric:bool=True, # 11-point AP (VOC2007) instead of the all-point area (VOC2010+)
+           interpolate:bool=True    # False: the non-interpolated area, sum of (r_i - r_(i-1)) p_i (scikit-learn's `average_precision_score`)
           ) -> float:
-    "Average precision of a precision/recall curve, as the PASCAL VOC devkit's `VOCap` computes it."
+    "Average precision of a precision/recall curve, as the PASCAL VOC devkit's `VOCap` computes it (or non-interpolated)."
     rec, prec = np.asarray(rec, dtype=np.float64), np.asarray(prec, dtype=np.float64)
+    if not interpolate: return float((np.diff(np.r_[0., rec]) * prec).sum())
     if use_07_metric:
         return float(sum((prec[rec >= t].max() if (rec >= t).any() else 0.) for t in np.arange(11) / 10) / 11)
     mrec, mpre = np.r_[0., rec, 1.], np.r_[0., prec, 0.]
@@ -44,7 +46,8 @@ def pr_curve(scores, # a score per item (higher = more confident)
 
 def classification_ap(scores, # classifier score per image for one class
                       labels, # devkit label per image: 1 positive, -1 negative, 0 difficult-only (ignored)
-                      use_07_metric:bool=True # 11-point (VOC2007) or all-point AP
+                      use_07_metric:bool=True, # 11-point (VOC2007) or all-point AP
+                      interpolate:bool=True    # False: non-interpolated AP (Krähenbühl et al.'s classification code)
                      ) -> float:
     "Average precision of one class, as the VOC devkit's `VOCevalcls`; `NaN` when the class has no positive."
     labels = np.asarray(labels)
@@ -52,23 +55,25 @@ def classification_ap(scores, # classifier score per image for one class
     if not np.isin(labels, (-1, 0, 1)).all(): raise ValueError("labels must be in {1, 0, -1}")
     if not (labels > 0).any(): return float('nan')
     rec, prec = pr_curve(scores, labels > 0, labels < 0)
-    return voc_ap(rec, prec, use_07_metric)
+    return voc_ap(rec, prec, use_07_metric, interpolate)
 
 # %% ../nbs/16_metrics.ipynb #1281c493
 def classification_map(scores, # (N images, C classes) scores
                        labels, # (N, C) devkit labels in {1, 0, -1}
                        classes=None, # C class names (default '0', '1', ...)
-                       use_07_metric:bool=True # 11-point (VOC2007) or all-point AP
+                       use_07_metric:bool=True, # 11-point (VOC2007) or all-point AP
+                       interpolate:bool=True    # False: non-interpolated AP (then `use_07_metric` is unused)
                       ) -> dict:
     "Per-class AP, and the mAP over the classes whose AP is defined (`n_defined` of them; undefined ones are NaN)."
     scores, labels = np.asarray(scores, dtype=np.float64), np.asarray(labels)
     if scores.shape != labels.shape or scores.ndim != 2:
         raise ValueError(f"scores {scores.shape} and labels {labels.shape} must be the same (N, C) shape")
     classes = list(classes) if classes is not None else [str(c) for c in range(scores.shape[1])]
-    aps = {c: classification_ap(scores[:, j], labels[:, j], use_07_metric) for j, c in enumerate(classes)}
+    aps = {c: classification_ap(scores[:, j], labels[:, j], use_07_metric, interpolate) for j, c in enumerate(classes)}
     v = np.array([a for a in aps.values() if not np.isnan(a)])
     return dict(ap=aps, map=float(v.mean()) if len(v) else float('nan'), n_defined=int(len(v)),
-                undefined=[c for c, a in aps.items() if np.isnan(a)], metric='11-point' if use_07_metric else 'all-point')
+                undefined=[c for c, a in aps.items() if np.isnan(a)],
+                metric='non-interpolated' if not interpolate else '11-point' if use_07_metric else 'all-point')
 
 # %% ../nbs/16_metrics.ipynb #1e9d7f18
 def box_iou_voc(box, # one box (xmin, ymin, xmax, ymax), inclusive pixel coordinates

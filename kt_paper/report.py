@@ -13,8 +13,8 @@ from .core import atomic_path
 # %% auto #0
 __all__ = ['NOT_GIVEN', 'NOT_RECOVERED', 'PAPER', 'MODEL_ROWS', 'DOMAIN_NAMES', 'PROBE_SETS', 'K_PATTERN', 'DOMAIN_PATTERN',
            'STUDENT_LABELS', 'TRANSFER_COLUMNS', 'ComparisonTable', 'markdown_table', 'csv_table', 'write_table',
-           'to_markdown', 'to_csv', 'to_latex', 'write_comparison', 'paper_table', 'collect_results', 'write_report',
-           'student_label', 'transfer_rows', 'describe_setup', 'transfer_cell', 'write_transfer_table',
+           'to_markdown', 'to_csv', 'to_latex', 'write_comparison', 'paper_table', 'cls_map', 'collect_results',
+           'write_report', 'student_label', 'transfer_rows', 'describe_setup', 'transfer_cell', 'write_transfer_table',
            'ablation_students', 'k_ablation_rows', 'domain_ablation_rows', 'pca_2d', 'pipeline_figure',
            'pipeline_figure_from_run', 'conv1_filters_figure', 'training_curves_figure']
 
@@ -191,16 +191,22 @@ def _probe_results(out:Path) -> dict:
             break
     return res
 
+def cls_map(r:dict, use_07:bool=True) -> float:
+    "A classification result's mAP in its protocol's metric (`ClsConfig.metric`); results written before it had one: 11-point (or all-point)."
+    return r['map'] if 'map' in r else r['map_11pt' if use_07 else 'map_allpt']
+
 def _transfer_results(out:Path) -> dict:
     voc, ks, dom, meta = {}, {}, {}, {}
-    cols = dict(cls=('cls', 'map_11pt'), det_ss=('det SS', 'map_11pt'), det_ms=('det MS', 'map_11pt'), seg=('seg', 'miou'))
+    cols = dict(cls=('cls', 'map'), det_ss=('det SS', 'map_11pt'), det_ms=('det MS', 'map_11pt'), seg=('seg', 'miou'))
+    cls_metrics = set()
     for d in sorted((out/'transfer').glob('*/')) if (out/'transfer').is_dir() else []:
         if '@' in d.name: continue     # real-data smoke runs (`<student>@<dataset>`) are not table rows
         for proto, (col, key) in cols.items():
             f = d/f'{proto}.json'
             if not f.exists(): continue
             r = json.loads(f.read_text()); meta = {k: r.get(k) for k in ('preset', 'seed')}
-            v = r.get(key)
+            v = cls_map(r) if proto == 'cls' else r.get(key)
+            if proto == 'cls': cls_metrics.add(r.get('metric', '11-point'))
             if v is None or (isinstance(v, float) and math.isnan(v)): continue
             if (m := K_PATTERN.match(d.name)) and proto == 'cls': ks[(m['teacher'], int(m['k']))] = 100 * v
             elif (m := DOMAIN_PATTERN.match(d.name)) and proto == 'cls':
@@ -212,7 +218,8 @@ def _transfer_results(out:Path) -> dict:
         if mk: ks.setdefault(('jigsaw', mk[0]), main)
         dom.setdefault(('ImageNet', 'ImageNet'), main)
     res = {}
-    note = _setup(meta, 'VOC07 cls/det 11-point mAP on test after fine-tuning on trainval, VOC12 seg mIoU on val (see `transfer_voc.md` for crops and schedules)')
+    note = _setup(meta, f"VOC07 cls {'/'.join(sorted(cls_metrics)) or '11-point'} mAP, det 11-point mAP, on test after fine-tuning on trainval, "
+                        "VOC12 seg mIoU on val (see `transfer_voc.md` for crops and schedules)")
     abl = _setup(meta, 'VOC07 classification 11-point mAP on test after fine-tuning on trainval (see `transfer_voc.md`); the main CC+Jigsaw++ student fills its own k and ImageNet / ImageNet')
     if voc: res['voc'] = (voc, note)
     if ks: res['clusters'] = ({('CC+Jigsaw++', f'k={k}'): v for (t, k), v in sorted(ks.items()) if t == 'jigsaw'}, abl)
@@ -256,7 +263,7 @@ def transfer_rows(results:dict, # student name -> protocol -> result (from `tran
     rows, k = [], 'map_11pt' if use_07 else 'map_allpt'
     for name, r in results.items():
         g = lambda p, f: r[p][f] if p in r else None
-        rows.append(dict(student=name, model=student_label(name), cls_map=g('cls', k), det_ss_map=g('det_ss', k),
+        rows.append(dict(student=name, model=student_label(name), cls_map=cls_map(r['cls'], use_07) if 'cls' in r else None, det_ss_map=g('det_ss', k),
                          det_ms_map=g('det_ms', k), seg_miou=g('seg', 'miou'),
                          seconds=round(sum(v['seconds']['total'] for v in r.values()), 1),
                          cpu_seconds=round(sum(v['seconds'].get('cpu', 0) for v in r.values()), 1)))
@@ -271,12 +278,15 @@ def describe_setup(cfg,                     # a `transfer.TransferConfig`
     n = next(iter(results.values()), {}) if results else {}
     cnt = lambda p: f" ({n[p]['n_train']} train / {n[p]['n_test']} test images)" if p in n else ''
     ms = lambda m: f"{list(m)[:3]}{'…' if len(m) > 3 else ''}"
-    ap = '11-point' if cfg.use_07_metric else 'all-point'
+    ap, cap = '11-point' if cfg.use_07_metric else 'all-point', c.metric
+    views = (f"sum of the raw outputs of {c.test_crops} views drawn with the training transform" if c.test_views == 'train'
+             else f"mean sigmoid of {c.test_crops} random crops at scale 1")
+    scale1 = 'the image as stored' if c.native_scale else f'a {c.resize}-px short side'
     ncls = f" over the {n['cls']['n_defined']} classes with a test positive" if 'cls' in n else ''
     return (f"Preset `{preset}`, seed {seed}, final-step models. "
             f"**Classification**: VOC07 {c.train_split} → {c.test_split}{cnt('cls')}, {c.iters} steps × {c.bs}, "
-            f"lr {c.lr} ×{c.gamma} at steps {ms(c.milestones)}, {c.crop}-px crops after rescaling ×{c.scale_range}, "
-            f"test score = mean of {c.test_crops} random crops; {ap} mAP{ncls}. "
+            f"lr {c.lr} ×{c.gamma} at steps {ms(c.milestones)}, {c.crop}-px crops after rescaling ×{c.scale_range} of {scale1}, "
+            f"test score = {views}; {cap} mAP{ncls}. "
             f"**Detection**: Faster R-CNN (RPN proposals) on the conv trunk, VOC07 {d.train_split} → {d.test_split}{cnt('det_ss')}, "
             f"{d.iters} steps × {d.bs} images, lr {d.lr} ×{d.gamma} at {ms(d.milestones)}, SS short side {d.min_size} "
             f"(max {d.max_size}), MS {list(d.ms_scales)}; {ap} AP at IoU 0.5, difficult objects ignored. "
@@ -306,17 +316,17 @@ def ablation_students(students:dict) -> tuple[dict, dict]:
 
 def k_ablation_rows(results:dict, use_07:bool=True) -> list[dict]:
     "Rows (teacher, k, VOC07 cls mAP) from `student name -> {'cls': result}` for the `cc_<teacher>_k<k>` students."
-    key, rows = 'map_11pt' if use_07 else 'map_allpt', []
+    rows = []
     for n, r in results.items():
-        if (m := K_PATTERN.match(n)) and 'cls' in r: rows.append(dict(teacher=m['teacher'], k=int(m['k']), cls_map=r['cls'][key]))
+        if (m := K_PATTERN.match(n)) and 'cls' in r: rows.append(dict(teacher=m['teacher'], k=int(m['k']), cls_map=cls_map(r['cls'], use_07)))
     return sorted(rows, key=lambda r: (r['teacher'], r['k']))
 
 def domain_ablation_rows(results:dict, use_07:bool=True) -> list[dict]:
     "Rows (teacher, clustered on, labelled, VOC07 cls mAP) for the `cc_<teacher>_<clustered>-<labelled>` students."
-    key, rows = 'map_11pt' if use_07 else 'map_allpt', []
+    rows = []
     for n, r in results.items():
         if (m := DOMAIN_PATTERN.match(n)) and 'cls' in r:
-            rows.append(dict(teacher=m['teacher'], clustered=m['clustered'], labelled=m['labelled'], cls_map=r['cls'][key]))
+            rows.append(dict(teacher=m['teacher'], clustered=m['clustered'], labelled=m['labelled'], cls_map=cls_map(r['cls'], use_07)))
     return sorted(rows, key=lambda r: (r['teacher'], r['clustered'], r['labelled']))
 
 # %% ../nbs/19_report.ipynb #e82fe997

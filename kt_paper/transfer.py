@@ -43,10 +43,15 @@ class ClsConfig:
     momentum:float=0.9              # SGD momentum
     wd:float=1e-6                   # weight decay
     clip:float=10.                  # gradient-norm clipping
-    resize:int=256                  # short side of an image at scale 1 ...
+    native_scale:bool=True          # scale 1 = the image as stored (the reference code); False: short side `resize` ...
+    resize:int=256                  # ... the short side of an image at scale 1 when not `native_scale` ...
     scale_range:tuple=(0.5, 2.)     # ... times a random factor in this range (training) ...
     crop:int=227                    # ... then a random crop of this size (zero-padded if needed), random flip
-    test_crops:int=10               # test score = mean of this many random crops (scale 1, random flip)
+    test_crops:int=10               # test views per image ...
+    test_views:str='train'          # ... 'train': drawn with the training transform, raw fc8 outputs summed (the reference);
+                                    #     'scale1': random crops at scale 1 (random flip), sigmoid outputs averaged
+    metric:str='non-interpolated'   # the mAP the tables print: 'non-interpolated' (the reference, scikit-learn's AP),
+                                    #     '11-point' (VOC07 devkit) or 'all-point' (VOC2010+); all three are recorded
     fc_dim:int|None=None            # fc6/fc7 width of the new head; None = the student's own fc width
     dropout:float=0.5               # dropout after fc6 and fc7
     train_split:str='trainval'      # VOC07 split to train on
@@ -115,8 +120,9 @@ class TransferConfig:
     ckpt_every:int=5000             # checkpoint (and one `history.csv` row) every this many steps at most (0: at the end only)
 
 # %% ../nbs/18_transfer.ipynb #b3520407
-def _small_cls(iters, bs, resize, crop, fc, ms, crops=10, lr=.01):
-    return ClsConfig(iters=iters, bs=bs, lr=lr, milestones=ms, resize=resize, crop=crop, test_crops=crops, fc_dim=fc)
+def _small_cls(iters, bs, resize, crop, fc, ms, crops=10, lr=.01):   # small images: a fixed scale-1 size, kt_paper's test views
+    return ClsConfig(iters=iters, bs=bs, lr=lr, milestones=ms, resize=resize, crop=crop, test_crops=crops, fc_dim=fc,
+                     native_scale=False, test_views='scale1', metric='11-point')
 
 TRANSFER_PRESETS = {
     'paper': TransferConfig(),
@@ -172,7 +178,8 @@ def masked_bce(logits:torch.Tensor, labels:torch.Tensor) -> torch.Tensor:
 def cls_view(img:torch.Tensor, cfg:ClsConfig, g:torch.Generator, train:bool=True) -> torch.Tensor:
     "One augmented, normalised view of a uint8 image (random rescale in training, scale 1 at test)."
     s = float(torch.empty(1).uniform_(*cfg.scale_range, generator=g)) if train else 1.
-    x = resize_short(img, max(8, round(cfg.resize * s)))
+    short = max(8, round((min(img.shape[-2:]) if cfg.native_scale else cfg.resize) * s))
+    x = img if short == min(img.shape[-2:]) else resize_short(img, short)
     return random_crop_flip(x, cfg.crop, g, prep=imagenet_normalize)
 
 # %% ../nbs/18_transfer.ipynb #ce48137c
@@ -186,16 +193,20 @@ class ClsDraws(StepDraws):
 @torch.no_grad()
 def predict_classification(model:nn.Module, store:ImageStore, cfg:ClsConfig, seed:int=0, device='cpu', bs:int=64,
                            precision:str|None=None) -> np.ndarray:
-    "(N, 20) test scores: the mean sigmoid over `cfg.test_crops` random crops of each image."
+    "(N, 20) test scores over `cfg.test_crops` views of each image: summed raw outputs of training-transform views, or mean sigmoid of scale-1 crops."
+    if cfg.test_views not in ('train', 'scale1'): raise ValueError(f"test_views must be 'train' or 'scale1', not {cfg.test_views!r}")
     model.eval(); out = []
     for i in range(len(store)):
         g = torch.Generator().manual_seed(seed * 1_000_003 + 7 + i)
-        x = resize_short(store[i], cfg.resize)       # scale 1, resized once; the crops are windows of it
-        out.append(torch.stack([random_crop_flip(x, cfg.crop, g, prep=imagenet_normalize) for _ in range(cfg.test_crops)]))
+        if cfg.test_views == 'train': out.append(torch.stack([cls_view(store[i], cfg, g) for _ in range(cfg.test_crops)]))
+        else:
+            x = resize_short(store[i], cfg.resize)   # scale 1, resized once; the crops are windows of it
+            out.append(torch.stack([random_crop_flip(x, cfg.crop, g, prep=imagenet_normalize) for _ in range(cfg.test_crops)]))
     views, p = torch.cat(out), []
     with autocast_for(model, precision) as pol:
-        for k in range(0, len(views), bs): p.append(torch.sigmoid(model(eval_layout(views[k:k+bs].to(device), pol)).float()).cpu())
-    return torch.cat(p).view(len(store), cfg.test_crops, -1).mean(1).numpy()
+        for k in range(0, len(views), bs): p.append(model(eval_layout(views[k:k+bs].to(device), pol)).float().cpu())
+    z = torch.cat(p).view(len(store), cfg.test_crops, -1)
+    return (z.sum(1) if cfg.test_views == 'train' else torch.sigmoid(z).mean(1)).numpy()
 
 def voc07_classification(model:nn.Module,   # an AlexNet student (its conv layers are used)
                          voc07:str|Path,     # `VOCdevkit/VOC2007` folder
@@ -209,7 +220,7 @@ def voc07_classification(model:nn.Module,   # an AlexNet student (its conv layer
                          num_workers:int|None=None, # loader workers (None: `loader_workers`' choice)
                          cbs=None                   # extra training callbacks (e.g. `rehearsal.StepTimer`)
                         ) -> dict:
-    "Fine-tune on VOC07 `cfg.train_split`, score `cfg.test_split`: per-class AP and mAP, 11-point and all-point."
+    "Fine-tune on VOC07 `cfg.train_split`, score `cfg.test_split`: per-class AP and mAP (non-interpolated, 11-point, all-point; `map` is `cfg.metric`'s)."
     t0, c0 = time.time(), time.process_time(); seed_everything(seed); device = get_device(device)
     tr = nonempty_split(read_voc_split(voc07, cfg.train_split), voc07, cfg.train_split)
     te = read_voc_split(voc07, cfg.test_split)[:cfg.n_test]
@@ -223,7 +234,12 @@ def voc07_classification(model:nn.Module,   # an AlexNet student (its conv layer
     t2 = time.time()
     scores = predict_classification(net, s_te, cfg, seed, device, precision=precision)
     r11, rall = classification_map(scores, yte, VOC_CLASSES, True), classification_map(scores, yte, VOC_CLASSES, False)
-    return dict(protocol='voc07_classification', map_11pt=r11['map'], map_allpt=rall['map'], ap_11pt=r11['ap'], ap_allpt=rall['ap'],
+    rni = classification_map(scores, yte, VOC_CLASSES, interpolate=False)
+    chosen = {'non-interpolated': rni, '11-point': r11, 'all-point': rall}
+    if cfg.metric not in chosen: raise ValueError(f"metric must be one of {list(chosen)}, not {cfg.metric!r}")
+    return dict(protocol='voc07_classification', map=chosen[cfg.metric]['map'], metric=cfg.metric, test_views=cfg.test_views,
+                native_scale=cfg.native_scale, map_noninterp=rni['map'], ap_noninterp=rni['ap'],
+                map_11pt=r11['map'], map_allpt=rall['map'], ap_11pt=r11['ap'], ap_allpt=rall['ap'],
                 n_defined=r11['n_defined'], undefined=r11['undefined'], train_split=cfg.train_split, test_split=cfg.test_split,
                 n_train=len(tr), n_test=len(te), test_crops=cfg.test_crops, crop=cfg.crop, iters=cfg.iters,
                 final_loss=final_loss(learn), resumed_from_step=learn.resumed_from_step, seed=seed,

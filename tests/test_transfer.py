@@ -256,3 +256,35 @@ def test_run_transfer_stage(tmp_path):
     again = run_transfer(tmp_path, 'test', seed=0, device='cpu', smoke=False, multi_scale_det=False)   # read back, not retrained
     assert f.stat().st_mtime_ns == mtime and again['students']['random']['seg']['miou'] == res['students']['random']['seg']['miou']
     with pytest.raises(TypeError, match='no field'): run_transfer(tmp_path, 'test', device='cpu', nosuch=1)
+
+
+def test_classification_reference_protocol_is_the_paper_default():
+    "Krähenbühl et al.'s code: stored image = scale 1, test views drawn with the training transform and raw outputs summed, non-interpolated AP."
+    from kt_paper.transfer import cls_view, predict_classification
+    from kt_paper.images import imagenet_normalize
+    p, s = TRANSFER_PRESETS['paper'].cls, TRANSFER_PRESETS['small'].cls
+    assert (p.native_scale, p.test_views, p.metric) == (True, 'train', 'non-interpolated')
+    assert (s.native_scale, s.test_views, s.metric) == (False, 'scale1', '11-point')
+    img = torch.randint(0, 256, (3, 50, 60), dtype=torch.uint8)
+    cfg = dataclasses.replace(p, crop=40)
+    v = cls_view(img, cfg, torch.Generator().manual_seed(0), train=False)     # scale 1 = the image as stored: a window of it
+    x = imagenet_normalize(img)
+    hits = [(i, j, f) for i in range(11) for j in range(21) for f in (0, 1)
+            if torch.allclose((x[..., i:i+40, j:j+40].flip(-1) if f else x[..., i:i+40, j:j+40]), v)]
+    assert len(hits) == 1
+    class Const(torch.nn.Module):                                              # raw outputs 2 everywhere
+        def __init__(self): super().__init__(); self.w = torch.nn.Parameter(torch.zeros(1))
+        def forward(self, x): return torch.full((len(x), 20), 2.) + self.w
+    store = [img, img]                                                         # any sequence of uint8 images
+    ref = predict_classification(Const(), store, dataclasses.replace(cfg, test_crops=3))
+    old = predict_classification(Const(), store, dataclasses.replace(cfg, test_crops=3, test_views='scale1', native_scale=False, resize=48))
+    np.testing.assert_allclose(ref, 6.); np.testing.assert_allclose(old, torch.sigmoid(torch.tensor(2.)).item(), rtol=1e-6)
+    with pytest.raises(ValueError, match='test_views'): predict_classification(Const(), store, dataclasses.replace(cfg, test_views='x'))
+
+
+def test_classification_result_reports_the_configured_metric(toy_voc, alexnet):
+    cfg = dataclasses.replace(CLS, iters=2, metric='non-interpolated')
+    r = voc07_classification(alexnet, toy_voc[0], cfg, seed=0)
+    assert r['metric'] == 'non-interpolated' and r['map'] == r['map_noninterp'] and r['map_noninterp'] <= r['map_allpt'] + 1e-12
+    from kt_paper.report import cls_map
+    assert cls_map(r) == r['map'] and cls_map({'map_11pt': .5, 'map_allpt': .6}, False) == .6
