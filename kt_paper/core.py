@@ -16,7 +16,7 @@ __all__ = ['PRESET_NAMES', 'in_test', 'preset_name', 'pick_preset', 'seed_everyt
            'pin_mmap_threshold', 'show_doc']
 
 # %% ../nbs/00_core.ipynb #16f4d2db
-PRESET_NAMES = ('test', 'tiny', 'small', 'paper')
+PRESET_NAMES = ('test', 'tiny', 'small', 'medium', 'paper')
 
 def in_test() -> bool:
     "True while `nbdev-test` runs the notebooks (it sets `IN_TEST=1`)."

@@ -176,10 +176,15 @@ def read_tiny_imagenet(root:str|Path,       # the `tiny-imagenet-200` folder
     return ImageSet(root, split, classes, items, pol.report(f'read_tiny_imagenet({root}, {split!r})', len(items)))
 
 # %% ../nbs/01_data.ipynb #ac1a815f
-def read_image_set(root:str|Path, split:str|None=None, on_error:str='raise') -> ImageSet:
+def read_image_set(root:str|Path, split:str|None=None, on_error:str='raise',
+                   classes=None # the class list to use (a val split's, from its train split); Tiny-ImageNet's must agree
+                  ) -> ImageSet:
     "Read a labelled classification split: Tiny-ImageNet if `root/wnids.txt` exists, else a class-folder tree."
-    if (Path(root)/'wnids.txt').is_file(): return read_tiny_imagenet(root, split or 'train', on_error)
-    return read_class_folder(root, split, on_error=on_error)
+    if (Path(root)/'wnids.txt').is_file():
+        s = read_tiny_imagenet(root, split or 'train', on_error)
+        if classes is not None and tuple(classes) != tuple(s.classes): raise DataError(f"{root}: {split} classes differ from those given")
+        return s
+    return read_class_folder(root, split, classes=classes, on_error=on_error)
 
 # %% ../nbs/01_data.ipynb #a5684de5
 @dataclass(frozen=True)
@@ -411,6 +416,9 @@ DATA_PRESETS = {
     # real small samples under DATA_ROOT; there is no VOC2012 sample, so segmentation stays on the built-in set
     'small': DataConfig(imagenet='imagenette2-mini', places='miniplaces-mini', voc07='voc2007-mini/VOCdevkit/VOC2007',
                         voc12='builtin:VOCdevkit/VOC2012', resize=128, crop=112, bs=64),
+    # 100 complete Tiny-ImageNet classes (50,000 + 5,000 images of 64 px) in the ImageNet role; the samples for the others
+    'medium': DataConfig(imagenet='tiny-imagenet-100', places='miniplaces-mini', voc07='voc2007-mini/VOCdevkit/VOC2007',
+                         voc12='builtin:VOCdevkit/VOC2012', resize=72, crop=64, bs=128),
     # the paper: ImageNet and Places205 as class folders, the VOCdevkit; 256 short side, 227 crops (Caffe AlexNet)
     'paper': DataConfig(imagenet='ILSVRC2012', places='places205', voc07='VOCdevkit/VOC2007', voc12='VOCdevkit/VOC2012',
                         resize=256, crop=227, bs=256),

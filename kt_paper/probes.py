@@ -66,6 +66,8 @@ PROBE_PRESETS = {
     'paper': ProbeConfig(),
     'small': ProbeConfig(resize=128, crop=112, bs=64, lin_epochs=4, lin_milestones=(3,), nl_epochs=3,
                          nl_milestones=(2,), cache_images=True),   # sized for the shared samples on a CPU
+    'medium': ProbeConfig(resize=72, crop=64, bs=256, lin_epochs=3, lin_milestones=(2,), nl_epochs=1, nl_milestones=(),
+                          nl_layers=(), cache_images=True),   # linear probes only, within the 60-minute budget
     'tiny':  ProbeConfig(resize=72, crop=64, bs=64, lin_epochs=2, lin_milestones=(1,), nl_epochs=1, nl_milestones=(),
                          nl_layers=('conv5',), cache_images=True),
     'test':  ProbeConfig(resize=52, crop=48, bs=32, lin_epochs=1, lin_milestones=(), nl_epochs=1, nl_milestones=(),

@@ -27,10 +27,11 @@ from .train import EpochSeed, step_lr, fit, checkpoint_state, process_batch_size
 from .distributed import DistributedCallback, world_info
 
 # %% auto #0
-__all__ = ['STUDENT_PRESETS', 'StudentConfig', 'decode_image', 'decode_images', 'crop_flip_normalize', 'ImageTensorDataset',
-           'ImageFileDataset', 'image_dataset', 'balanced_sampler', 'make_student_dls', 'student_learner',
-           'evaluate_top1', 'synthetic_images', 'student_fingerprint', 'train_student', 'alexnet_from_cfn',
-           'match_labels', 'read_student_data', 'run_student_job', 'cluster_labels', 'standin_labels', 'run_student']
+__all__ = ['STUDENT_PRESETS', 'PRESET_CC_TEACHERS', 'BN_IMAGES', 'StudentConfig', 'decode_image', 'decode_images',
+           'crop_flip_normalize', 'ImageTensorDataset', 'ImageFileDataset', 'image_dataset', 'balanced_sampler',
+           'make_student_dls', 'student_learner', 'evaluate_top1', 'synthetic_images', 'student_fingerprint',
+           'train_student', 'alexnet_from_cfn', 'match_labels', 'read_student_data', 'run_student_job',
+           'cluster_labels', 'standin_labels', 'estimate_bn_stats_', 'run_student']
 
 # %% ../nbs/14_student.ipynb #0e6c7c6f
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +61,8 @@ STUDENT_PRESETS = {
     'paper': StudentConfig(),
     'small': StudentConfig(width=0.25, bn=True, conv1_stride=2, resize=128, crop=112, epochs=8, bs=64, lr=0.01,
                            lr_milestones=(6,), cache_images=True),   # sized for the shared samples on a CPU
+    'medium': StudentConfig(width=0.5, bn=True, conv1_stride=2, resize=72, crop=64, epochs=4, bs=128, lr=0.05,
+                            lr_milestones=(3,), cache_images=True),   # 50,000 Tiny-ImageNet images, ~3 min a student
     'tiny':  StudentConfig(width=0.25, bn=True, conv1_stride=2, resize=72, crop=64, epochs=5, bs=64, lr=0.01,
                            lr_milestones=(4,), cache_images=True),
     'test':  StudentConfig(width=0.125, bn=True, conv1_stride=2, resize=52, crop=48, epochs=2, bs=32, lr=0.01,
@@ -284,8 +287,8 @@ def read_student_data(root:str|Path,     # class-folder tree with train/ and val
                       val_labels=None    # the same for val/
                      ) -> tuple:
     "`(train paths, train labels, val paths, val labels, classes)` of `root`, labelled as asked."
-    from kt_paper.data import read_class_folder
-    tr = read_class_folder(root, 'train'); va = read_class_folder(root, 'val', classes=tr.classes)
+    from kt_paper.data import read_image_set
+    tr = read_image_set(root, 'train'); va = read_image_set(root, 'val', classes=tr.classes)   # class folders or Tiny-ImageNet's layout
     tp, vp = [str(p) for p in tr.paths], [str(p) for p in va.paths]
     return tp, _labels(tp, train_labels, tr), vp, _labels(vp, val_labels, va), tr.classes
 
@@ -360,7 +363,25 @@ def _ablation_jobs(out:Path, cluster_dir:Path, root, scenes_root, images, decode
         jobs[name] = (data, str(ftr), str(fva), k, imgs)
     return jobs, skipped
 
+# %% ../nbs/14_student.ipynb #93c20a51
+@torch.no_grad()
+def estimate_bn_stats_(model:nn.Module, images:torch.Tensor, crop:int, bs:int=256) -> nn.Module:
+    "Set every batch norm's running mean and variance to their averages over uint8 `images` (centre `crop`, normalised); no labels used."
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns: return model
+    moms, was = [m.momentum for m in bns], model.training
+    for m in bns: m.reset_running_stats(); m.momentum = None    # None: a cumulative average over the batches
+    model.train()
+    ds = ImageTensorDataset(images, np.zeros(len(images), np.int64), crop, False)
+    for k in range(0, len(ds), bs): model(torch.stack([ds[i][0] for i in range(k, min(k + bs, len(ds)))]))
+    for m, mom in zip(bns, moms): m.momentum = mom
+    return model.train(was)
+
 # %% ../nbs/14_student.ipynb #d339b70a
+PRESET_CC_TEACHERS = dict(default='jigsaw,hog,vgg_jigsaw',   # the paper's CC rows
+                          medium='jigsaw,hog,random')          # + CC on an untrained network's clusters: the control row
+BN_IMAGES = 5000   # training images whose BN statistics the random baseline gets
+
 def run_student(out:str|Path,               # run folder: students go to `<out>/student/<name>/`
                 preset:str='tiny',          # a `STUDENT_PRESETS` (and `DATA_PRESETS`) name
                 data_root:str|None=None,    # folder of the real datasets (small/paper presets)
@@ -369,7 +390,7 @@ def run_student(out:str|Path,               # run folder: students go to `<out>/
                 cluster_dir:str|None=None,  # the clustering stage's output (default `<out>/clusters`)
                 jigsaw_ckpt:str|None=None,  # the Jigsaw++ CFN (default: the pretext stage's)
                 clustered_on:str='objects_train', # the CC students' centres were fitted on this feature set
-                cc_teachers:str='jigsaw,hog,vgg_jigsaw', # teachers that get a CC student ('all': every clustered one)
+                cc_teachers:str='auto',     # teachers that get a CC student: 'auto' (`PRESET_CC_TEACHERS[preset]`), 'all', or names
                 standin:bool=False,         # no clustering: train one student on stand-in labels (tests only)
                 quiet:bool=False,
                 **overrides                 # `StudentConfig` fields to change (every student of the stage)
@@ -394,6 +415,7 @@ def run_student(out:str|Path,               # run folder: students go to `<out>/
         log(f"{name}: val top-1 {r['val_top1']:.3f} ({r['n_classes']} classes, {r['train_images']} train images, {r['seconds']}s)")
         return r
     cluster_dir = Path(cluster_dir) if cluster_dir else out/'clusters'
+    if cc_teachers == 'auto': cc_teachers = PRESET_CC_TEACHERS.get(preset, PRESET_CC_TEACHERS['default'])
     wanted = lambda t: cc_teachers == 'all' or t in [c.strip() for c in cc_teachers.split(',')]
     jobs, skipped = {}, {}
     for t in sorted(p.name for p in cluster_dir.iterdir() if p.is_dir()) if cluster_dir.is_dir() else []:
@@ -404,7 +426,11 @@ def run_student(out:str|Path,               # run folder: students go to `<out>/
     students = {name: train_one(name, root, ytr, yva, k, images) for name, (ytr, yva, k) in jobs.items()}
     students['supervised'] = train_one('supervised', root, imgs=images)
     seed_everything(seed)
-    save_alexnet(build_alexnet(len(classes), **cfg.alexnet_args()), sdir/'random'/'final.pth')
+    rnd = build_alexnet(len(classes), **cfg.alexnet_args())
+    if cfg.bn:   # the strongest fair random baseline: BN statistics of unlabeled training images, no labels, no training
+        pick = np.sort(np.random.default_rng(seed).choice(len(tp), min(len(tp), BN_IMAGES), replace=False))
+        estimate_bn_stats_(rnd, images[0][pick] if images is not None else decode([tp[i] for i in pick]), cfg.crop)
+    save_alexnet(rnd, sdir/'random'/'final.pth')
     made = [*students, 'random']
     cands = [Path(jigsaw_ckpt)] if jigsaw_ckpt else [out/'jigsaw'/'jigsaw_cfn.pth', out/'teachers'/'jigsaw_cfn.pth']
     for name, ckpts in (('jigsaw_direct', cands), ('jigsaw_plain', [out/'jigsaw_plain'/'jigsaw_cfn.pth'])):

@@ -45,6 +45,7 @@ TEACHER_PRESETS = {
     'test':  TeacherConfig(image_size=48, hog_size=32, hog_cell=8, batch_size=16, dtype='float32', flush_every=1),
     'tiny':  TeacherConfig(image_size=64, hog_size=64, hog_cell=8, batch_size=64, dtype='float32'),
     'small': TeacherConfig(image_size=128, hog_size=64, hog_cell=8, batch_size=128, dtype='float32'),
+    'medium': TeacherConfig(image_size=64, layer='conv5', pool='grid', pool_grid=2, hog_size=64, hog_cell=8, batch_size=256, dtype='float32'),
     'paper': TeacherConfig(),
 }
 
@@ -320,8 +321,8 @@ def teacher_image_sets(preset:str,      # a `kt_paper.data.DATA_PRESETS` name
     roots = ktdata.dataset_roots(pick_preset(ktdata.DATA_PRESETS, preset), data_root, seed=seed, check=False)
     sets = {}
     for kind, role in IMAGE_SETS:
-        sets[f'{kind}_train'] = tr = ktdata.read_class_folder(roots[role], 'train')
-        sets[f'{kind}_val'] = ktdata.read_class_folder(roots[role], 'val', classes=tr.classes)
+        sets[f'{kind}_train'] = tr = ktdata.read_image_set(roots[role], 'train')   # class folders or Tiny-ImageNet's layout
+        sets[f'{kind}_val'] = ktdata.read_image_set(roots[role], 'val', classes=tr.classes)
     return sets
 
 # %% ../nbs/11_teachers.ipynb #29b10ae3
@@ -413,7 +414,7 @@ def run_teachers(out,                         # run folder: features go to `<out
     if (preset == 'tiny' if train_jigsaw is None else train_jigsaw) and not jigsaw_checkpoint(out, jigsaw_ckpt).exists():
         from kt_paper.jigsaw import run_pretext
         run_pretext(str(out), preset, data_root, seed=seed, device=device)
-    if supervised_epochs is None: supervised_epochs = 0 if preset == 'test' else 2
+    if supervised_epochs is None: supervised_epochs = 0 if preset in ('test', 'medium') else 2   # medium: its CPU budget
     teachers = stage_teachers(out, preset, cfg, seed, device, jigsaw_ckpt, supervised_epochs, sets['objects_train'], num_workers)
     res = {}
     for name, teacher in teachers.items():

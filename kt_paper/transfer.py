@@ -145,6 +145,7 @@ TRANSFER_PRESETS = {
                       rpn_pre_nms_test=50, rpn_post_nms_test=16, rpn_batch=32, roi_batch=16, fc_dim=64, max_dets=20),
         seg=SegConfig(iters=3, bs=2, lr=1e-2, milestones=(2,), crop=48, head_dim=32), ckpt_every=2),
 }
+TRANSFER_PRESETS['medium'] = TRANSFER_PRESETS['tiny']   # the 64-px students on voc2007-mini at the tiny sizes (its CPU budget)
 
 # %% ../nbs/18_transfer.ipynb #8c814300
 def find_students(student_dir:str|Path) -> dict[str, Path]:
