@@ -109,7 +109,7 @@ def test_k_ablation_one_folder_per_k(tmp_path):
     "cluster_k_ablation: one clustering per k (with the preset's other settings), each labelling both splits; reruns reuse them."
     from kt_paper.core import save_json
     from kt_paper.clustering import cluster_k_ablation, ABLATION_KS
-    assert set(ABLATION_KS) == {'test', 'tiny', 'small', 'paper'} and ABLATION_KS['paper'] == (500, 1000, 5000, 10000)
+    assert set(ABLATION_KS) == {'test', 'tiny', 'small', 'medium', 'paper'} and ABLATION_KS['paper'] == (500, 1000, 5000, 10000)
     x, y = make_blobs(300, 6, 16, seed=0)
     fd = tmp_path/'feat'; fd.mkdir()
     for name, sl in (('objects_train', slice(0, 240)), ('objects_val', slice(240, 300))):
