@@ -365,7 +365,7 @@ def cfn_args(preset:str) -> dict:
     from kt_paper.jigsaw import JIGSAW_PRESETS
     j = pick_preset(JIGSAW_PRESETS, 'tiny' if preset == 'test' else preset)
     return dict(arch=j.arch, width=j.width, tile=j.tile, bn=j.bn, conv1_kernel=j.conv1_kernel,
-                conv1_stride=j.conv1_stride, conv1_pad=j.conv1_pad)
+                conv1_stride=j.conv1_stride, conv1_pad=j.conv1_pad, ceil_mode=j.ceil_mode)
 
 def stage_teachers(out,                     # the run folder
                    preset:str,              # the run's preset
