@@ -12,11 +12,12 @@ from .core import atomic_path
 
 # %% auto #0
 __all__ = ['NOT_GIVEN', 'NOT_RECOVERED', 'PAPER', 'MODEL_ROWS', 'DOMAIN_NAMES', 'PROBE_SETS', 'K_PATTERN', 'DOMAIN_PATTERN',
-           'STUDENT_LABELS', 'TRANSFER_COLUMNS', 'ComparisonTable', 'markdown_table', 'csv_table', 'write_table',
-           'to_markdown', 'to_csv', 'to_latex', 'write_comparison', 'paper_table', 'cls_map', 'collect_results',
-           'write_report', 'student_label', 'transfer_rows', 'describe_setup', 'transfer_cell', 'write_transfer_table',
-           'ablation_students', 'k_ablation_rows', 'domain_ablation_rows', 'pca_2d', 'pipeline_figure',
-           'pipeline_figure_from_run', 'conv1_filters_figure', 'training_curves_figure']
+           'CLAIMS', 'CLAIM_COLUMNS', 'STUDENT_LABELS', 'TRANSFER_COLUMNS', 'position', 'ComparisonTable',
+           'markdown_table', 'csv_table', 'write_table', 'to_markdown', 'to_csv', 'to_latex', 'write_comparison',
+           'paper_table', 'cls_map', 'collect_results', 'claim_margin', 'claims', 'write_claims', 'noise_of_run',
+           'seed_spread', 'run_preset', 'write_report', 'student_label', 'transfer_rows', 'describe_setup',
+           'transfer_cell', 'write_transfer_table', 'ablation_students', 'k_ablation_rows', 'domain_ablation_rows',
+           'pca_2d', 'pipeline_figure', 'pipeline_figure_from_run', 'conv1_filters_figure', 'training_curves_figure']
 
 # %% ../nbs/19_report.ipynb #a6ede1a0
 NOT_GIVEN, NOT_RECOVERED = '—', 'n/r'
@@ -66,26 +67,41 @@ def _fmt(v) -> str:
     if isinstance(v, str): return v
     return 'nan' if isinstance(v, float) and math.isnan(v) else f'{v:.1f}'
 
+def position(values:dict, r, c, low:str='Random', high:str='Supervised') -> float|None:
+    "Where row `r` sits in column `c` between `low` (0) and `high` (1): a scale-free score comparable across datasets."
+    v, lo, hi = values.get((r, c)), values.get((low, c)), values.get((high, c))
+    if not all(isinstance(x, (int, float)) for x in (v, lo, hi)) or hi == lo: return None
+    return (v - lo) / (hi - lo)
+
 @dataclass
 class ComparisonTable:
-    "One paper table: for each row and column, the paper's value, ours, and ours minus the paper's."
+    "One paper table: for each row and column, the paper's value, ours, and (paper preset) ours minus the paper's or (others) both positions."
     name:str; title:str; rows:tuple; cols:tuple
     paper:dict; ours:dict = field(default_factory=dict)
     notes:str = ''   # splits, crops, schedule, preset, seed of our numbers
+    preset:str = 'paper'   # only at `paper` do ours and the paper's compare like with like (a raw difference)
+
+    @property
+    def third(self) -> str: return 'diff' if self.preset == 'paper' else 'position'
 
     def cell(self, r, c) -> tuple[str, str, str]:
-        "`(paper, ours, diff)` as printed."
+        "`(paper, ours, third)` as printed: `third` is ours minus the paper's at `paper`, else 'ours / paper' positions between Random and Supervised."
         p, o = self.paper.get((r, c), NOT_RECOVERED), self.ours.get((r, c))
-        d = o - p if isinstance(p, (int, float)) and isinstance(o, (int, float)) else None
-        return _fmt(p), _fmt(o) if o is not None else 'not run', _fmt(d) if d is not None else ''
+        if self.preset == 'paper':
+            d = o - p if isinstance(p, (int, float)) and isinstance(o, (int, float)) else None
+            t = _fmt(d) if d is not None else ''
+        else:
+            po, pp = position(self.ours, r, c), position(self.paper, r, c)
+            t = '' if po is None and pp is None else f"{'—' if po is None else f'{po:.2f}'} / {'—' if pp is None else f'{pp:.2f}'}"
+        return _fmt(p), _fmt(o) if o is not None else 'not run', t
 
     def records(self) -> list[dict]:
-        "One dict per row: `row`, then `<col> paper`, `<col> ours`, `<col> diff` for each column."
+        "One dict per row: `row`, then `<col> paper`, `<col> ours`, `<col> <third>` for each column."
         out = []
         for r in self.rows:
             rec = dict(row=r)
             for c in self.cols:
-                p, o, d = self.cell(r, c); rec.update({f'{c} paper': p, f'{c} ours': o, f'{c} diff': d})
+                p, o, d = self.cell(r, c); rec.update({f'{c} paper': p, f'{c} ours': o, f'{c} {self.third}': d})
             out.append(rec)
         return out
 
@@ -126,9 +142,13 @@ def write_table(records:list[dict],  # one dict per row
 _LEGEND = f'`{NOT_GIVEN}`: not given by the paper; `{NOT_RECOVERED}`: the paper\'s value was not recovered; `not run`: not measured in this run.'
 
 def _columns(t:ComparisonTable) -> dict:
-    return dict(row='', **{f'{c} {k}': f'{c} {k}' for c in t.cols for k in ('paper', 'ours', 'diff')})
+    return dict(row='', **{f'{c} {k}': f'{c} {k}' for c in t.cols for k in ('paper', 'ours', t.third)})
 
-def _notes(t:ComparisonTable) -> str: return '\n'.join([_LEGEND] + ([t.notes] if t.notes else []))
+_POSITION = ("`position`: each row's place between Random (0) and Supervised (1) in the same column, ours / the paper's: "
+             "a scale-free comparison; raw differences are printed only at the `paper` preset, where the data and "
+             "protocols are the paper's.")
+
+def _notes(t:ComparisonTable) -> str: return '\n'.join([_LEGEND] + ([_POSITION] if t.third == 'position' else []) + ([t.notes] if t.notes else []))
 
 def to_markdown(t:ComparisonTable) -> str:
     "The table as Markdown: a title, one line per row with paper / ours / diff per column, the legend and the notes."
@@ -146,7 +166,7 @@ def to_latex(t:ComparisonTable) -> str:
     n = len(t.cols)
     lines = [r'% ' + _tex(t.title), r'\begin{tabular}{l' + 'rrr' * n + '}', r'\toprule',
              ' & ' + ' & '.join(rf'\multicolumn{{3}}{{c}}{{{_tex(c)}}}' for c in t.cols) + r' \\',
-             ' & ' + ' & '.join(['paper & ours & diff'] * n) + r' \\', r'\midrule']
+             ' & ' + ' & '.join([f'paper & ours & {t.third}'] * n) + r' \\', r'\midrule']
     for rec in t.records(): lines.append(' & '.join(_tex(str(v)) for v in rec.values()) + r' \\')
     return '\n'.join(lines + [r'\bottomrule', r'\end{tabular}']) + '\n'
 
@@ -163,7 +183,8 @@ def paper_table(name:str, ours:dict|None=None, notes:str='') -> ComparisonTable:
 
 # %% ../nbs/19_report.ipynb #ae42bb2f
 MODEL_ROWS = {'random': 'Random', 'supervised': 'Supervised', 'cc_hog': 'CC+HOG', 'jigsaw_plain': 'Jigsaw',
-              'jigsaw_direct': 'Jigsaw++', 'cc_jigsaw': 'CC+Jigsaw++', 'cc_vgg_jigsaw': 'CC+vgg-Jigsaw++'}
+              'jigsaw_direct': 'Jigsaw++', 'cc_jigsaw': 'CC+Jigsaw++', 'cc_vgg_jigsaw': 'CC+vgg-Jigsaw++',
+              'cc_random': 'CC+Random-teacher'}
 DOMAIN_NAMES = {'objects': 'ImageNet', 'imagenet': 'ImageNet', 'scenes': 'Places', 'places': 'Places'}
 PROBE_SETS = {'linear_imagenet': ('linear', ('objects', 'imagenet', 'imagenette', 'tinyimagenet')),
               'nonlinear_imagenet': ('nonlinear', ('objects', 'imagenet', 'imagenette', 'tinyimagenet')),
@@ -231,22 +252,104 @@ def collect_results(out:str|Path) -> dict:
     out = Path(out)
     return {**_probe_results(out), **_transfer_results(out)}
 
+# %% ../nbs/19_report.ipynb #84c2ddd2
+_L = ('conv1', 'conv2', 'conv3', 'conv4', 'conv5')
+CLAIMS = (
+    dict(id='1', claim='CC+Jigsaw++ > Jigsaw++ used directly, on frozen conv4 and conv5 (linear probes)', kind='greater',
+         cells=[('linear_imagenet', 'CC+Jigsaw++', 'Jigsaw++', c) for c in ('conv4', 'conv5')]),
+    dict(id='2', claim='CC+Jigsaw++ > Random and CC+HOG > Random on every conv layer (linear probes)', kind='greater',
+         cells=[('linear_imagenet', a, 'Random', c) for a in ('CC+Jigsaw++', 'CC+HOG') for c in _L]),
+    dict(id='3', claim='Jigsaw++ > Jigsaw (same model, no clustering) on VOC07 classification and non-linear conv5', kind='greater',
+         cells=[('voc', 'Jigsaw++', 'Jigsaw', 'cls'), ('nonlinear_imagenet', 'Jigsaw++', 'Jigsaw', 'conv5')]),
+    dict(id='4', claim='CC+vgg-Jigsaw++ > CC+Jigsaw++ (a deeper teacher) everywhere it is measured', kind='greater',
+         cells=[(t, 'CC+vgg-Jigsaw++', 'CC+Jigsaw++', c) for t in ('voc', 'linear_imagenet', 'nonlinear_imagenet', 'linear_places')
+                for c in PAPER[t]['cols']], everywhere=True),
+    dict(id='5', claim='CC+Jigsaw++ ~ Jigsaw++ on VOC07 fine-tuning (classification)', kind='similar', tol=1.0,
+         cells=[('voc', 'CC+Jigsaw++', 'Jigsaw++', 'cls')]),
+    dict(id='6a', claim='k barely matters (VOC07 classification of CC+Jigsaw++ over k)', kind='spread', tol=2.0, table='clusters', row='CC+Jigsaw++'),
+    dict(id='6b', claim='a change of data domain costs ~1.5 mAP (VOC07 classification)', kind='domain', table='domain'),
+    dict(id='7', claim="the teacher's knowledge transfers: CC+Jigsaw++ > CC+Random-teacher on conv3-conv5 (linear probes; ours, not in the paper)",
+         kind='greater', cells=[('linear_imagenet', 'CC+Jigsaw++', 'CC+Random-teacher', c) for c in ('conv3', 'conv4', 'conv5')]),
+)
+
+def _num(x): return x if isinstance(x, (int, float)) and not (isinstance(x, float) and math.isnan(x)) else None
+
+def claim_margin(claim:dict, values:dict) -> float|None:
+    "The margin of `claim` over `values` = `{table: {(row, col): value}}`; None if a value it needs is missing."
+    if claim['kind'] in ('greater', 'similar'):
+        diffs = [(_num(values.get(t, {}).get((a, c))), _num(values.get(t, {}).get((b, c)))) for t, a, b, c in claim['cells']]
+        diffs = [x - y for x, y in diffs if x is not None and y is not None]
+        if not diffs or (not claim.get('everywhere') and len(diffs) < len(claim['cells'])): return None
+        return min(diffs) if claim['kind'] == 'greater' else diffs[0]
+    v = values.get(claim['table'], {})
+    if claim['kind'] == 'spread':
+        xs = [_num(x) for (r, _), x in v.items() if r == claim['row'] and _num(x) is not None]
+        return max(xs) - min(xs) if len(xs) >= 2 else None
+    same = _num(v.get(('ImageNet / ImageNet', 'mAP'))); cross = [_num(x) for (r, _), x in v.items() if r != 'ImageNet / ImageNet' and _num(x) is not None]
+    return same - sum(cross) / len(cross) if same is not None and cross else None
+
+def claims(results:dict,             # `{table: {(row, col): value}}`, ours (`collect_results` without the notes)
+           preset:str,               # the run's preset
+           noise:float|None=None     # seed-to-seed spread in points (`noise_of_run`); None: not measured
+          ) -> list[dict]:
+    "One row per claim of `CLAIMS`: the run's margin, the paper's, held / not held / not measured, and whether beyond the noise."
+    paper = {t: {k: v for k, v in spec['values'].items()} for t, spec in PAPER.items()}
+    out = []
+    for c in CLAIMS:
+        m, pm = claim_margin(c, results), claim_margin(c, paper)
+        if m is None: status = 'not measured at this preset'
+        elif c['kind'] == 'greater' or c['kind'] == 'domain': status = 'held' if m > 0 else 'not held'
+        else: status = 'held' if abs(m) <= max(c['tol'], noise or 0) else 'not held'
+        beyond = ('' if m is None else 'noise not measured' if noise is None else 'yes' if abs(m) > noise else 'no')
+        out.append(dict(id=c['id'], claim=c['claim'], ours=None if m is None else round(m, 2), paper=None if pm is None else round(pm, 2),
+                        status=status, beyond_noise=beyond, noise=noise, preset=preset))
+    return out
+
+CLAIM_COLUMNS = dict(id='#', claim='claim', ours='margin (ours)', paper='margin (paper)', status='status', beyond_noise='beyond the noise')
+
+def write_claims(rows:list[dict], fig_dir:str|Path, preset:str) -> list[Path]:
+    "`claims.md` (with its caption) and `claims.csv` under `fig_dir`."
+    noise = rows[0]['noise'] if rows else None
+    cap = (f"### The paper's claims, checked on this run (preset `{preset}`)\n\nMargins in points of the table each claim reads "
+           f"(linear-probe top-1, VOC mAP), ours and the paper's on the same comparison; at presets other than `paper` the data "
+           f"and scale differ, so a margin's sign is what compares. Seed-to-seed noise: "
+           + (f"{noise:.2f} points (largest difference between two seeds on the key rows)." if noise is not None else "not measured (one seed)."))
+    stem = Path(fig_dir)/'claims'
+    write_table(rows, CLAIM_COLUMNS, stem, cap, fmt=lambda k, v: '—' if v is None else f'{v:+.2f}' if k in ('ours', 'paper') else str(v))
+    return [stem.with_name('claims.md'), stem.with_name('claims.csv')]
+
+def noise_of_run(out:str|Path) -> float|None:
+    "The seed-to-seed spread recorded in `<out>/noise.json` (`{'points': ...}`), or None."
+    f = Path(out)/'noise.json'
+    return float(json.loads(f.read_text())['points']) if f.exists() else None
+
+def seed_spread(a:dict, b:dict, table:str='linear_imagenet', rows=('Random', 'CC+Jigsaw++', 'CC+HOG', 'CC+Random-teacher')) -> float|None:
+    "The largest |a - b| over the cells of `rows` in `table` of two runs' results (`{table: {(row, col): value}}`)."
+    d = [abs(a[table][k] - b[table][k]) for k in a.get(table, {}) if k[0] in rows and k in b.get(table, {})]
+    return max(d) if d else None
+
 # %% ../nbs/19_report.ipynb #679237b0
 def _merge_axes(spec:tuple, ours:dict, pos:int) -> tuple:
     extra = [k[pos] for k in ours if k[pos] not in spec]
     return tuple(spec) + tuple(dict.fromkeys(extra))
 
-def write_report(out:str|Path, fig_dir:str|Path) -> list[Path]:
-    "Write every paper table, filled with the run's numbers where it has them, under `fig_dir`; return the files."
+def run_preset(out:str|Path) -> str|None:
+    "The preset of the run in `out` (its `manifest.json`), or None."
+    f = Path(out)/'manifest.json'
+    return json.loads(f.read_text()).get('preset') if f.exists() else None
+
+def write_report(out:str|Path, fig_dir:str|Path, preset:str|None=None) -> list[Path]:
+    "Write every paper table, filled with the run's numbers where it has them, and the claims scoreboard, under `fig_dir`."
     res, paths = collect_results(out), []
+    preset = preset or run_preset(out) or '?'
     for name, spec in PAPER.items():
         ours, notes = res.get(name, ({}, 'Ours: not run at this preset.'))
-        t = paper_table(name, ours, notes)
+        t = paper_table(name, ours, notes); t.preset = preset
         rows, cols = _merge_axes(t.rows, ours, 0), _merge_axes(t.cols, ours, 1)
         t.paper = {**{(r, c): NOT_GIVEN for r in rows for c in cols if r not in t.rows or c not in t.cols}, **t.paper}
         t.rows, t.cols = rows, cols
         paths += write_comparison(t, fig_dir)
-    return paths
+    return paths + write_claims(claims({n: r[0] for n, r in res.items()}, preset, noise_of_run(out)), fig_dir, preset)
 
 # %% ../nbs/19_report.ipynb #5c2c41f0
 STUDENT_LABELS = {'random': 'Random', 'jigsaw_direct': 'Jigsaw++ (direct)', 'supervised': 'Supervised',
