@@ -15,16 +15,17 @@ import torch.distributed as dist
 from .data import load_rgb
 from .images import resize_centre_crop
 from .nets import JigsawNet, build_cfn
-from .permutations import save_permutations, permutation_set
+from .permutations import load_permutations, save_permutations, permutation_set
 from .train import fit, step_lr, one_cycle, one_cycle_mom, checkpoint_state, precision_policy, process_batch_size, digest, image_ids
 from .core import (pick_preset, seed_everything, get_device, default_num_workers, fingerprint, save_checkpoint, load_checkpoint, pin_mmap_threshold)
 
 # %% auto #0
-__all__ = ['COLOUR_POLICIES', 'JIGSAW_PRESETS', 'COLOUR_PROJECTION', 'PRETEXT_VARIANTS', 'PRESET_VARIANTS', 'JigsawConfig',
-           'sample_puzzles', 'assemble_puzzle', 'prepare_image', 'assemble_puzzles_torch', 'PuzzleDataset',
-           'CropDataset', 'DevicePuzzles', 'cfn_from_config', 'save_jigsaw_net', 'perms_path', 'load_jigsaw_net',
-           'jigsaw_dataloaders', 'SetEpoch', 'jigsaw_schedule', 'jigsaw_epochs', 'scale_bias_grads_', 'jigsaw_learner',
-           'train_jigsaw', 'run_pretext', 'pretext_variants', 'draw_puzzle', 'figure3']
+__all__ = ['COLOUR_POLICIES', 'JIGSAW_PRESETS', 'COLOUR_PROJECTION', 'PRETEXT_VARIANTS', 'PLAIN_JIGSAW_PAPER', 'PRESET_VARIANTS',
+           'JigsawConfig', 'sample_puzzles', 'assemble_puzzle', 'prepare_image', 'assemble_puzzles_torch',
+           'PuzzleDataset', 'CropDataset', 'DevicePuzzles', 'cfn_from_config', 'save_jigsaw_net', 'perms_path',
+           'load_jigsaw_net', 'jigsaw_dataloaders', 'SetEpoch', 'jigsaw_schedule', 'jigsaw_epochs', 'scale_bias_grads_',
+           'jigsaw_learner', 'train_jigsaw', 'config_permutations', 'run_pretext', 'variant_overrides',
+           'pretext_variants', 'draw_puzzle', 'figure3']
 
 # %% ../nbs/10_jigsaw.ipynb #7ab92997
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class JigsawConfig:
     n_valid:int|None=None     # held-out images used for puzzle accuracy (None: all)
     num_workers:int|None=None # DataLoader workers (None: `default_num_workers()`)
     preload:bool=True         # prepare and cache every crop before training (forked workers share the cache)
+    perms_file:str|None=None  # a released permutation set (`.npy` 0-based, or the authors' Caffe `.bin`) instead of generating one
 
     def __post_init__(self):
         if self.grid*self.cell > self.crop: raise ValueError(f"grid*cell = {self.grid*self.cell} > crop = {self.crop}")
@@ -405,6 +407,15 @@ def train_jigsaw(learn:Learner, cfg:JigsawConfig,
     return fit(learn, n_epoch, folder, fingerprint, main=main, quiet=quiet, precision=precision,
                cbs=[sched] + list(cbs or []), lr=cfg.lr, wd=cfg.wd)
 
+# %% ../nbs/10_jigsaw.ipynb #238b89ab
+def config_permutations(cfg:JigsawConfig, seed:int=0) -> np.ndarray:
+    "The permutation set of `cfg`: its `perms_file` (checked against `n_perms` and the grid) or a generated one."
+    if cfg.perms_file is None: return permutation_set(cfg.n_perms, cfg.min_dist, seed=seed, n=cfg.n_tiles)
+    p = load_permutations(cfg.perms_file)
+    if p.shape != (cfg.n_perms, cfg.n_tiles):
+        raise ValueError(f"{cfg.perms_file}: {p.shape[0]} permutations of {p.shape[1]} tiles, the config wants {cfg.n_perms} of {cfg.n_tiles}")
+    return p
+
 # %% ../nbs/10_jigsaw.ipynb #7aa1b97a
 def run_pretext(out:str,                 # run folder; the teacher goes to `<out>/<name>/jigsaw_cfn.pth`
                 preset:str='tiny',       # a `JIGSAW_PRESETS` (and `DATA_PRESETS`) name
@@ -427,7 +438,7 @@ def run_pretext(out:str,                 # run folder; the teacher goes to `<out
     train_paths = ktdata.read_image_set(roots['imagenet'], 'train').paths   # class folders or Tiny-ImageNet's layout
     valid_paths = ktdata.read_image_set(roots['imagenet'], 'val').paths
     seed_everything(seed)
-    perms = permutation_set(cfg.n_perms, cfg.min_dist, seed=seed, n=cfg.n_tiles)
+    perms = config_permutations(cfg, seed)
     fp = fingerprint(dataclasses.asdict(cfg), seed, digest(perms), digest(image_ids(train_paths[:cfg.n_train])),
                      digest(image_ids(valid_paths[:cfg.n_valid])))
     if not resume and main and checkpoint_state(od): (od/'last_state.json').unlink()   # a fresh run: forget the old one
@@ -451,8 +462,16 @@ def run_pretext(out:str,                 # run folder; the teacher goes to `<out
     return metrics
 
 # %% ../nbs/10_jigsaw.ipynb #976d84d9
-PRETEXT_VARIANTS = {'jigsaw_plain': dict(max_occluders=0),           # the original Jigsaw task
+PRETEXT_VARIANTS = {'jigsaw_plain': dict(max_occluders=0),           # the original Jigsaw task (no foreign tiles)
                     'jigsaw_vgg': dict(arch='vgg16', bn=True)}      # Jigsaw++ on a VGG16 trunk
+# the ECCV 2016 Jigsaw of the paper's "Jigsaw" rows: 1,000 maximal-Hamming permutations (the released file has 100: pass it
+# as `perms_file` with n_perms=100), 225-px crops of 75-px cells, 64-px tiles, up to 11 px of jitter (9 + 2 of channel offsets)
+PLAIN_JIGSAW_PAPER = dict(max_occluders=0, n_perms=1000, min_dist=None, crop=225, cell=75, jitter=9)
+
+def variant_overrides(name:str, preset:str) -> dict:
+    "The `JigsawConfig` changes of pretext variant `name` at `preset` (at `paper`, plain Jigsaw is the ECCV 2016 configuration)."
+    if name not in PRETEXT_VARIANTS: raise ValueError(f"unknown pretext variant {name!r}; known: {sorted(PRETEXT_VARIANTS)}")
+    return {**PRETEXT_VARIANTS[name], **(PLAIN_JIGSAW_PAPER if name == 'jigsaw_plain' and preset == 'paper' else {})}
 PRESET_VARIANTS = {'test': (), 'tiny': (), 'small': ('jigsaw_plain',), 'medium': (), 'paper': ('jigsaw_plain', 'jigsaw_vgg')}
 
 def pretext_variants(spec:str, # 'auto' (the preset's `PRESET_VARIANTS`), '' (none) or comma-separated names

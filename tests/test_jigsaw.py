@@ -257,7 +257,7 @@ def test_step_schedule():
 def test_pretext_variant_goes_to_its_own_folder(tmp_path, monkeypatch):
     "A plain-Jigsaw variant trains into `<out>/jigsaw_plain` with no occluders, beside (not over) the main teacher."
     monkeypatch.setenv('IN_TEST', '1')
-    m = run_pretext(str(tmp_path), preset='test', seed=0, name='jigsaw_plain', **PRETEXT_VARIANTS['jigsaw_plain'])
+    m = run_pretext(str(tmp_path), preset='test', seed=0, name='jigsaw_plain', **variant_overrides('jigsaw_plain', 'test'))
     assert m['name'] == 'jigsaw_plain' and m['max_occluders'] == 0
     assert (tmp_path/'jigsaw_plain'/'jigsaw_cfn.pth').exists() and not (tmp_path/'jigsaw').exists()
     assert load_jigsaw_net(tmp_path/'jigsaw_plain'/'jigsaw_cfn.pth') is not None
