@@ -22,11 +22,11 @@ from .train import step_lr, EpochSeed, fit
 
 # %% auto #0
 __all__ = ['PROBE_GRIDS_227', 'FMAP_SIDES_227', 'PROBE_PRESETS', 'NL_LAYERS', 'PROBE_ROLES', 'NONLINEAR_SETS', 'PAPER_ROW_NAMES',
-           'probe_grids', 'probe_dims', 'ProbeConfig', 'freeze_', 'LinearProbes', 'multi_head_loss',
-           'linear_probe_learner', 'partial_sgd', 'evaluate_heads', 'PartlyFrozen', 'nonlinear_probe_model',
-           'probe_dls', 'run_linear_probes', 'nonlinear_probe_learner', 'run_nonlinear_probe', 'parse_probe_sets',
-           'probe_set_roots', 'probe_split', 'probe_table', 'cached_probe', 'probe_models', 'probe_set', 'run_probes',
-           'demo_students']
+           'probe_grids', 'probe_dims', 'ProbeConfig', 'freeze_', 'ResizeTo', 'grid_pool', 'LinearProbes',
+           'multi_head_loss', 'linear_probe_learner', 'partial_sgd', 'evaluate_heads', 'PartlyFrozen',
+           'nonlinear_probe_model', 'probe_dls', 'run_linear_probes', 'nonlinear_probe_learner', 'run_nonlinear_probe',
+           'parse_probe_sets', 'probe_set_roots', 'probe_split', 'probe_table', 'cached_probe', 'probe_models',
+           'probe_set', 'run_probes', 'demo_students']
 
 # %% ../nbs/15_probes.ipynb #7985f1da
 PROBE_GRIDS_227 = dict(conv1=10, conv2=6, conv3=5, conv4=5, conv5=6)  # Zhang et al.'s grids at 227 px
@@ -61,17 +61,18 @@ class ProbeConfig:
     wd:float=5e-4                   # weight decay
     nl_layers:tuple=('conv1', 'conv2', 'conv3', 'conv4', 'conv5', 'fc6', 'fc7') # non-linear probe cut points
     cache_images:bool=False         # decode all images once into memory
+    pool:str='resize'               # map -> grid: 'resize' (bilinear, Zhang et al.'s Resize layer) or 'avg' (adaptive average)
 
 PROBE_PRESETS = {
-    'paper': ProbeConfig(),
+    'paper': ProbeConfig(bs=64),   # Zhang et al.'s batch
     'small': ProbeConfig(resize=128, crop=112, bs=64, lin_epochs=4, lin_milestones=(3,), nl_epochs=3,
-                         nl_milestones=(2,), cache_images=True),   # sized for the shared samples on a CPU
+                         nl_milestones=(2,), cache_images=True, pool='avg'),   # sized for the shared samples on a CPU
     'medium': ProbeConfig(resize=72, crop=64, bs=256, lin_epochs=3, lin_milestones=(2,), nl_epochs=1, nl_milestones=(),
-                          nl_layers=(), cache_images=True),   # linear probes only, within the 60-minute budget
+                          nl_layers=(), cache_images=True, pool='avg'),   # linear probes only, within the 60-minute budget
     'tiny':  ProbeConfig(resize=72, crop=64, bs=64, lin_epochs=2, lin_milestones=(1,), nl_epochs=1, nl_milestones=(),
-                         nl_layers=('conv5',), cache_images=True),
+                         nl_layers=('conv5',), cache_images=True, pool='avg'),
     'test':  ProbeConfig(resize=52, crop=48, bs=32, lin_epochs=1, lin_milestones=(), nl_epochs=1, nl_milestones=(),
-                         nl_layers=('conv3',), cache_images=True),
+                         nl_layers=('conv3',), cache_images=True, pool='avg'),
 }
 
 # %% ../nbs/15_probes.ipynb #3d6bec62
@@ -80,19 +81,31 @@ def freeze_(module:nn.Module) -> nn.Module:
     for p in module.parameters(): p.requires_grad_(False)
     return module
 
+class ResizeTo(nn.Module):
+    "Bilinear resizing of a `(B, C, h, w)` map to `side` x `side` (as Caffe's `Resize` layer of Zhang et al.'s probes)."
+    def __init__(self, side:int): super().__init__(); self.side = side
+    def forward(self, x): return F.interpolate(x, size=(self.side, self.side), mode='bilinear', align_corners=False)
+
+def grid_pool(side:int, pool:str='avg') -> nn.Module:
+    "The map-to-grid step of a probe head: adaptive average pooling (`'avg'`) or bilinear resizing (`'resize'`)."
+    if pool == 'avg': return nn.AdaptiveAvgPool2d(side)
+    if pool == 'resize': return ResizeTo(side)
+    raise ValueError(f"pool must be 'avg' or 'resize', not {pool!r}")
+
 class LinearProbes(nn.Module):
-    "Linear heads (avg-pool → BN without affine → linear) on frozen conv activations; returns one logit tensor per layer."
+    "Linear heads (map → grid → BN without affine → linear) on frozen conv activations; returns one logit tensor per layer."
     def __init__(self,
                  model:AlexNet,         # the probed network (its `features` are frozen)
                  n_classes:int,         # classes of the labelled set
                  layers=CONV_LAYERS,    # probed layers
-                 input_size:int|None=None # input side (default: the model's)
+                 input_size:int|None=None, # input side (default: the model's)
+                 pool:str='avg'         # map -> grid (`grid_pool`): 'avg' or 'resize'
                 ):
         super().__init__()
         self.layers, self.trunk = tuple(layers), freeze_(copy.deepcopy(model.features)).eval()
         grids, dims = probe_grids(model, input_size, layers), probe_dims(model, input_size, layers)
         self.grids = grids
-        self.heads = nn.ModuleDict({n: nn.Sequential(nn.AdaptiveAvgPool2d(grids[n]), nn.Flatten(),
+        self.heads = nn.ModuleDict({n: nn.Sequential(grid_pool(grids[n], pool), nn.Flatten(),
                                                      nn.BatchNorm1d(dims[n], affine=False), nn.Linear(dims[n], n_classes))
                                     for n in self.layers})
         for h in self.heads.values(): nn.init.normal_(h[-1].weight, 0, 0.01); nn.init.zeros_(h[-1].bias)
@@ -192,7 +205,7 @@ def run_linear_probes(model:AlexNet,        # the frozen network
                      ) -> dict:
     "Train linear probes on every layer of frozen `model` in one pass; return val top-1 per layer."
     seed_everything(seed)
-    probes = LinearProbes(model, n_classes, layers, cfg.crop).to(device)
+    probes = LinearProbes(model, n_classes, layers, cfg.crop, cfg.pool).to(device)
     learn = linear_probe_learner(probes, dls, cfg, seed)
     fit(learn, cfg.lin_epochs, precision=precision)
     return evaluate_heads(probes, dls.valid)

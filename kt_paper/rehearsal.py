@@ -215,7 +215,7 @@ def rehearse_probes(paths:list, preset:str, steps:int, device) -> list:
     jobs, rows = full_run_jobs(preset), []
     n_full = PAPER_COUNTS['imagenet_train'] if preset == 'paper' else len(paths)
     t = StepTimer(steps)
-    with PeakRSS() as m: fit(linear_probe_learner(LinearProbes(net, 1000, input_size=cfg.crop).to(get_device(device)), dls, cfg), 1, quiet=True, cbs=[t])
+    with PeakRSS() as m: fit(linear_probe_learner(LinearProbes(net, 1000, input_size=cfg.crop, pool=cfg.pool).to(get_device(device)), dls, cfg), 1, quiet=True, cbs=[t])
     rows.append(_row('evaluation', 'linear probes conv1-5 (ImageNet), images', _timed(t), cfg.bs, m, 0, cfg.lin_epochs * math.ceil(n_full / cfg.bs),
                      jobs['probe_models'], 0., f'{cfg.lin_epochs} epochs of {n_full} images per model; Places205 ({PAPER_COUNTS["places_train"]}) costs 1.9x more'))
     t = StepTimer(steps)
