@@ -16,7 +16,8 @@ __all__ = ['IMG_EXTS', 'VOC_CLASSES', 'DATA_PRESETS', 'ROLES', 'ROLE_SPLITS', 'R
            'AnnotationError', 'load_rgb', 'ImageItem', 'ImageSet', 'read_class_folder', 'read_unlabeled',
            'read_tiny_imagenet', 'read_image_set', 'VOCObject', 'VOCAnnotation', 'parse_voc_xml', 'voc_class_labels',
            'VOCSet', 'voc_dir', 'read_voc', 'read_voc_class_files', 'voc_colormap', 'SegSet', 'read_voc_segmentation',
-           'load_mask', 'verify_images', 'DataConfig', 'role_env', 'dataset_roots', 'read_role', 'check_roles']
+           'find_sbd', 'read_sbd', 'load_mask', 'verify_images', 'DataConfig', 'role_env', 'dataset_roots', 'read_role',
+           'check_roles']
 
 # %% ../nbs/01_data.ipynb #ef52c9ee
 class DataError(Exception):
@@ -366,14 +367,42 @@ def read_voc_segmentation(root:str|Path, # VOC<year> folder, VOCdevkit or its pa
         ids.append(i); ims.append(im); ms.append(m)
     return SegSet(voc, split, ids, ims, ms, pol.report(f'read_voc_segmentation({voc}, {split!r})', len(ids)))
 
+def find_sbd(voc12:str|Path) -> Path|None:
+    "The SBD `dataset` folder (`img/`, `cls/`, `train.txt`) beside a VOC2012 folder: `SBD/` or `benchmark_RELEASE/` next to it or to its VOCdevkit."
+    voc = Path(voc12)
+    for base in (voc.parent, voc.parent.parent):
+        for name in ('SBD', 'benchmark_RELEASE'):
+            for d in (base/name/'dataset', base/name):
+                if (d/'cls').is_dir() and (d/'train.txt').is_file(): return d
+    return None
+
+def read_sbd(root:str|Path, split:str='train', on_error:str='raise') -> SegSet:
+    "One split (`train` or `val`) of the SBD augmented set (Hariharan et al.): `img/<id>.jpg` and `cls/<id>.mat` masks."
+    root = _need_dir(root, 'SBD dataset folder', 'benchmark_RELEASE/dataset with img/, cls/, train.txt'); pol = _Policy(on_error)
+    sf = root/f'{split}.txt'; ids, ims, ms = [], [], []
+    for i in _read_ids(sf):
+        im, m = root/'img'/f'{i}.jpg', root/'cls'/f'{i}.mat'
+        miss = [p for p in (im, m) if not p.is_file()]
+        if miss: pol.fail(ImageReadError(f"{miss[0]}: listed in {sf} but missing")); continue
+        ids.append(i); ims.append(im); ms.append(m)
+    return SegSet(root, f'sbd_{split}', ids, ims, ms, pol.report(f'read_sbd({root}, {split!r})', len(ids)))
+
 # %% ../nbs/01_data.ipynb #c08459ad
+def _sbd_mask(path:Path) -> np.ndarray:
+    "The `GTcls.Segmentation` array of an SBD `cls/<id>.mat` file."
+    from scipy.io import loadmat
+    try: return np.asarray(loadmat(path)['GTcls'][0, 0]['Segmentation'], np.uint8)
+    except Exception as e: raise AnnotationError(f"{path}: not an SBD class mask (GTcls.Segmentation): {e}") from e
+
 def load_mask(path:str|Path) -> np.ndarray:
-    "A VOC segmentation mask as an (h, w) uint8 array of class indices (0 bg, 1-20, 255 void)."
+    "A VOC segmentation mask (palette PNG, or SBD's `.mat`) as an (h, w) uint8 array of class indices (0 bg, 1-20, 255 void)."
     path = Path(path)
     if not path.is_file(): raise ImageReadError(f"{path}: mask file not found")
-    try:
-        with Image.open(path) as m: m.load(); mode, a = m.mode, np.asarray(m)
-    except (OSError, SyntaxError, ValueError) as e: raise ImageReadError(f"{path}: cannot read mask ({e})") from e
+    if path.suffix == '.mat': mode, a = 'L', _sbd_mask(path)
+    else:
+        try:
+            with Image.open(path) as m: m.load(); mode, a = m.mode, np.asarray(m)
+        except (OSError, SyntaxError, ValueError) as e: raise ImageReadError(f"{path}: cannot read mask ({e})") from e
     if mode not in ('P', 'L'): raise AnnotationError(f"{path}: mask has mode {mode}; expected a palette (P) or L image of class indices")
     bad = np.setdiff1d(np.unique(a), np.r_[0:21, 255])
     if len(bad): raise AnnotationError(f"{path}: mask values {bad.tolist()} are not class indices (0-20, 255)")

@@ -21,7 +21,8 @@ from fastai.callback.training import GradientClip
 from fastai.data.core import DataLoaders
 from fastai.optimizer import SGD
 from .core import get_device, default_num_workers
-from .data import VOC_CLASSES, DataError, load_rgb, read_voc, read_voc_segmentation
+from .data import VOC_CLASSES, DataError, find_sbd, load_rgb, read_sbd, read_voc, read_voc_segmentation
+from .data import voc_dir as ktvoc_dir
 from .nets import cut_at
 from .train import EpochSeed, digest, fit, step_lr
 
@@ -62,11 +63,14 @@ def class_labels(images:list[VOCImage], n_classes:int=20) -> np.ndarray:
     return out
 
 def read_voc_seg_split(voc_dir:str|Path, # a `VOC2012` folder (or VOCdevkit, or its parent)
-                       split:str,        # 'train' or 'val'
+                       split:str,        # an `ImageSets/Segmentation` split ('train', 'val', 'seg11valid'), or 'sbd_train' / 'sbd_val'
                        year:str='2012'
                       ) -> list[tuple[Path, Path]]:
-    "(image, mask) paths of one `ImageSets/Segmentation` split (read by `kt_paper.data.read_voc_segmentation`)."
-    ss = read_voc_segmentation(voc_dir, split, year)
+    "(image, mask) paths of one segmentation split: VOC's (`data.read_voc_segmentation`) or SBD's beside it (`data.read_sbd`)."
+    if split.startswith('sbd_'):
+        if (sbd := find_sbd(ktvoc_dir(voc_dir, year))) is None: raise DataError(f"{voc_dir}: split {split!r} needs SBD beside it (SBD/ or benchmark_RELEASE/)")
+        ss = read_sbd(sbd, split[4:])
+    else: ss = read_voc_segmentation(voc_dir, split, year)
     return list(zip(ss.images, ss.masks))
 
 # %% ../nbs/17_finetune.ipynb #771f7649

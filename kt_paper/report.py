@@ -393,7 +393,8 @@ def describe_setup(cfg,                     # a `transfer.TransferConfig`
             f"**Detection**: Faster R-CNN (RPN proposals) on the conv trunk, VOC07 {d.train_split} → {d.test_split}{cnt('det_ss')}, "
             f"{d.iters} steps × {d.bs} images, lr {d.lr} ×{d.gamma} at {ms(d.milestones)}, SS short side {d.min_size} "
             f"(max {d.max_size}), MS {list(d.ms_scales)}; {ap} AP at IoU 0.5, difficult objects ignored. "
-            f"**Segmentation**: FCN-32s, VOC12 {s.train_split} → {s.test_split}{cnt('seg')}, {s.iters} steps × {s.bs}, "
+            f"**Segmentation**: FCN-32s, VOC12 {n['seg']['train_split'] if 'seg' in n else s.train_split} → "
+            f"{n['seg']['test_split'] if 'seg' in n else s.test_split}{cnt('seg')}, {s.iters} steps × {s.bs}, "
             f"lr {s.lr} ×{s.gamma} at {ms(s.milestones)}, {s.crop}-px crops; mIoU over 21 classes, 255 ignored.")
 
 def transfer_cell(key:str, v) -> str:

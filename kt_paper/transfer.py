@@ -27,9 +27,9 @@ from .train import autocast_for, digest, image_ids, precision_policy
 # %% auto #0
 __all__ = ['TRANSFER_PRESETS', 'PROTOCOLS', 'ClsConfig', 'DetConfig', 'SegConfig', 'TransferConfig', 'find_students',
            'TrunkClassifier', 'masked_bce', 'cls_view', 'ClsDraws', 'predict_classification', 'voc07_classification',
-           'FCN32', 'read_mask', 'seg_view', 'SegDraws', 'seg_loss', 'predict_segmentation', 'voc12_segmentation',
-           'build_detector', 'det_target', 'to_voc_boxes', 'DetDraws', 'det_collate', 'det_loss', 'predict_detection',
-           'voc07_detection', 'run_protocol', 'transfer_student', 'run_transfer']
+           'FCN32', 'read_mask', 'seg_view', 'SegDraws', 'seg_loss', 'predict_segmentation', 'seg_splits',
+           'voc12_segmentation', 'build_detector', 'det_target', 'to_voc_boxes', 'DetDraws', 'det_collate', 'det_loss',
+           'predict_detection', 'voc07_detection', 'run_protocol', 'transfer_student', 'run_transfer']
 
 # %% ../nbs/18_transfer.ipynb #0ca888ba
 @dataclass(frozen=True)
@@ -105,8 +105,8 @@ class SegConfig:
     scale_range:tuple=(0.5, 1.5)    # random rescaling before the crop
     head_dim:int=4096               # width of the fc6/fc7 convolutions of the head
     dropout:float=0.5
-    train_split:str='train'
-    test_split:str='val'
+    train_split:str='auto'          # 'auto': SBD's train set when SBD lies beside VOC2012 (the FCN reference), else VOC12 'train'
+    test_split:str='auto'           # 'auto': 'seg11valid' (736 images) when its ImageSets file exists (the FCN reference), else 'val'
     n_test:int|None=None            # score only the first n val images (None = all)
 
 @dataclass(frozen=True)
@@ -295,11 +295,20 @@ def predict_segmentation(model:nn.Module, store:ImageStore, masks:list, n_classe
             cm += confusion_matrix(pred, masks[i].numpy(), n_classes)
     return cm
 
+def seg_splits(voc12:str|Path, cfg:SegConfig) -> tuple[str, str]:
+    "The (train, test) splits `cfg` asks for, 'auto' resolved: SBD train and seg11valid where present, else VOC12 train and val."
+    from kt_paper.data import find_sbd, voc_dir
+    voc = voc_dir(voc12, '2012')
+    tr = cfg.train_split if cfg.train_split != 'auto' else 'sbd_train' if find_sbd(voc) else 'train'
+    te = cfg.test_split if cfg.test_split != 'auto' else 'seg11valid' if (voc/'ImageSets'/'Segmentation'/'seg11valid.txt').is_file() else 'val'
+    return tr, te
+
 def voc12_segmentation(model:nn.Module, voc12:str|Path, cfg:SegConfig, seed:int=0, device='cpu',
                        run_dir:str|Path|None=None, ckpt_every:int=0, cache:bool=True, precision:str|None=None,
                        num_workers:int|None=None, cbs=None) -> dict:
     "Fine-tune an FCN-32s on VOC12 `cfg.train_split` and score mean IoU (21 classes, 255 ignored) on `cfg.test_split`."
     t0, c0 = time.time(), time.process_time(); seed_everything(seed); device = get_device(device)
+    cfg = dataclasses.replace(cfg, **dict(zip(('train_split', 'test_split'), seg_splits(voc12, cfg))))
     tr = nonempty_split(read_voc_seg_split(voc12, cfg.train_split), voc12, cfg.train_split)
     te = read_voc_seg_split(voc12, cfg.test_split)[:cfg.n_test]
     s_tr, s_te = ImageStore([p for p, _ in tr], cache), ImageStore([p for p, _ in te], cache)

@@ -288,3 +288,25 @@ def test_classification_result_reports_the_configured_metric(toy_voc, alexnet):
     assert r['metric'] == 'non-interpolated' and r['map'] == r['map_noninterp'] and r['map_noninterp'] <= r['map_allpt'] + 1e-12
     from kt_paper.report import cls_map
     assert cls_map(r) == r['map'] and cls_map({'map_11pt': .5, 'map_allpt': .6}, False) == .6
+
+
+def test_segmentation_splits_follow_the_fcn_reference_when_present(toy_voc, tmp_path):
+    "'auto' splits: SBD train beside the VOCdevkit and seg11valid when present, else VOC12 train and val."
+    import shutil
+    from scipy.io import savemat
+    from kt_paper.transfer import seg_splits
+    v12 = toy_voc[1]
+    assert seg_splits(v12, SegConfig()) == ('train', 'val')
+    root = tmp_path/'copy'; shutil.copytree(Path(v12).parents[1], root)
+    voc = root/'VOCdevkit'/'VOC2012'; sbd = root/'SBD'/'dataset'; (sbd/'img').mkdir(parents=True); (sbd/'cls').mkdir()
+    ids = sorted(p.stem for p in (voc/'JPEGImages').iterdir())[:3]
+    for i in ids:
+        shutil.copy(voc/'JPEGImages'/f'{i}.jpg', sbd/'img'/f'{i}.jpg')
+        savemat(sbd/'cls'/f'{i}.mat', {'GTcls': {'Segmentation': np.array(Image.open(voc/'SegmentationClass'/f'{i}.png'))}})
+    (sbd/'train.txt').write_text('\n'.join(ids) + '\n')
+    (voc/'ImageSets'/'Segmentation'/'seg11valid.txt').write_text('\n'.join(sorted(p.stem for p in (voc/'SegmentationClass').iterdir())[-2:]) + '\n')
+    assert seg_splits(voc, SegConfig()) == ('sbd_train', 'seg11valid')
+    assert seg_splits(voc, SegConfig(train_split='train', test_split='val')) == ('train', 'val')
+    r = voc12_segmentation(build_alexnet(20, width=.125, bn=True, conv1_stride=2, input_size=48), voc,
+                           SegConfig(iters=2, bs=2, lr=1e-2, milestones=(1,), crop=48, head_dim=16), seed=0)
+    assert (r['train_split'], r['test_split'], r['n_train'], r['n_test']) == ('sbd_train', 'seg11valid', 3, 2)
