@@ -4,7 +4,7 @@
 
 # %% ../nbs/00_core.ipynb #1a9e3d8b
 from __future__ import annotations
-import contextlib, dataclasses, functools, hashlib, json, os, platform, random, tempfile
+import contextlib, dataclasses, functools, hashlib, json, os, platform, random, tempfile, time
 from pathlib import Path
 import numpy as np
 import torch
@@ -13,7 +13,7 @@ import torch
 __all__ = ['PRESET_NAMES', 'in_test', 'preset_name', 'pick_preset', 'seed_everything', 'get_device', 'cpu_has_bf16',
            'default_num_workers', 'atomic_path', 'save_json', 'load_json', 'save_array', 'save_checkpoint',
            'load_checkpoint', 'fingerprint', 'project_root', 'resolve_out_dir', 'cache_dir', 'environment_info',
-           'pin_mmap_threshold', 'show_doc']
+           'pin_mmap_threshold', 'progress', 'format_progress', 'show_doc']
 
 # %% ../nbs/00_core.ipynb #16f4d2db
 PRESET_NAMES = ('test', 'tiny', 'small', 'medium', 'paper')
@@ -199,6 +199,29 @@ def pin_mmap_threshold(nbytes:int=128*1024 # allocations at least this large get
     except (AttributeError, OSError, TypeError): return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, nbytes))
+
+# %% ../nbs/00_core.ipynb #1fee0193
+def progress(what:str,        # the job: a model, a teacher's features, ...
+             done:int, total:int, # units done (epochs, images, steps) and planned
+             unit:str='epoch',
+             eta_s:float|None=None, # seconds left, if known
+             **more                 # e.g. loss
+            ):
+    "Append one progress event to `$KT_PAPER_PROGRESS` (a no-op when it is unset)."
+    path = os.environ.get('KT_PAPER_PROGRESS')
+    if not path: return
+    e = dict(t=round(time.time(), 2), what=what, done=int(done), total=int(total), unit=unit,
+             eta_s=None if eta_s is None else round(float(eta_s), 1), **more)
+    with open(path, 'a') as f: f.write(json.dumps(e) + '\n')
+
+def _hms(s:float) -> str:
+    s = int(round(s)); return f'{s // 3600}h{s % 3600 // 60:02d}m' if s >= 3600 else f'{s // 60}m{s % 60:02d}s'
+
+def format_progress(e:dict) -> str:
+    "One console line for a progress event."
+    extra = ''.join(f', {k} {v:.4g}' if isinstance(v, float) else f', {k} {v}' for k, v in e.items()
+                    if k not in ('t', 'what', 'done', 'total', 'unit', 'eta_s'))
+    return f"{e['what']}: {e['unit']} {e['done']}/{e['total']}{extra}" + (f", ETA {_hms(e['eta_s'])}" if e.get('eta_s') is not None else '')
 
 # %% ../nbs/00_core.ipynb #e5d0b14e
 def show_doc(sym, *args, **kwargs):

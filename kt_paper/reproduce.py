@@ -4,19 +4,20 @@
 
 # %% ../nbs/22_reproduce.ipynb #3539e9e7
 from __future__ import annotations
-import argparse, ast, contextlib, dataclasses, json, logging, os, shutil, subprocess, sys, time
+import argparse, ast, contextlib, dataclasses, json, logging, os, shutil, subprocess, sys, threading, time
 from dataclasses import dataclass
 from pathlib import Path
 import kt_paper
-from .core import (PRESET_NAMES, environment_info, fingerprint, load_json, pick_preset, project_root,
-                           save_json)
+from .core import (PRESET_NAMES, environment_info, fingerprint, format_progress, load_json, pick_preset,
+                           project_root, save_json)
 from .settings import (DRIVER_PARAMS, STAGE_PRESETS, SettingsError, check_data_roles, data_roles,
                                describe_settings, parse_params, parse_settings, read_config, stage_presets)
 
 # %% auto #0
 __all__ = ['STAGES', 'Stage', 'notebooks_dir', 'find_stages', 'notebook_code', 'stage_key', 'prepare_notebook',
-           'notebook_parameters', 'parameter_defaults', 'environ', 'run_stage', 'is_done', 'git_commit',
-           'default_out_dirs', 'summary_table', 'reproduce', 'copy_notebooks', 'config_text', 'stages_text', 'main']
+           'notebook_parameters', 'parameter_defaults', 'environ', 'follow_progress', 'run_stage', 'is_done',
+           'git_commit', 'default_out_dirs', 'summary_table', 'reproduce', 'copy_notebooks', 'config_text',
+           'stages_text', 'main']
 
 # %% ../nbs/22_reproduce.ipynb #8c262754
 STAGES = (('data', '04_samples'), ('jigsaw', '10_jigsaw'), ('teachers', '11_teachers'), ('clustering', '13_clustering'),
@@ -102,6 +103,19 @@ def environ(env:dict):
     try: yield
     finally: _set(old)
 
+def follow_progress(path:Path, stop:threading.Event, prefix:str='', every:float=1.):
+    "Print each progress event (`core.progress`) appended to `path` until `stop` is set (and once more after)."
+    pos = 0
+    while True:
+        done = stop.wait(every)
+        if path.exists():
+            with open(path) as f:
+                f.seek(pos); chunk = f.read(); pos = f.tell()
+            for line in chunk.splitlines():
+                try: print(prefix + format_progress(json.loads(line)), flush=True)
+                except (ValueError, KeyError): pass
+        if done: return
+
 def run_stage(stage:Stage, # the stage to run
               params:dict, # papermill parameters (PRESET, DATA_ROOT, OUT_DIR, FIG_DIR, SEED, DEVICE, ...)
               out:Path,    # the run folder
@@ -117,13 +131,17 @@ def run_stage(stage:Stage, # the stage to run
     names = notebook_parameters(stage.notebook)
     if names is not None: params = {k: v for k, v in params.items() if k in names}
     running = out/'notebooks'/f'.{stage.notebook.stem}.running.ipynb'   # renamed to `dest` only when it succeeds
+    prog = out/'stages'/f'{stage.name}.progress.jsonl'; prog.write_text('')
+    stop = threading.Event(); watcher = threading.Thread(target=follow_progress, args=(prog, stop, f'    {stage.name}: '), daemon=True)
+    watcher.start()
     try:
-        with environ(env or {}):
+        with environ({**(env or {}), 'KT_PAPER_PROGRESS': str(prog), 'KT_PAPER_DRIVER': '1'}):
             pm.execute_notebook(str(src), str(running), parameters=params, kernel_name='python3', language='python',
                                 progress_bar=False, log_output=log_output, cwd=str(stage.notebook.parent))
     except Exception:
         if running.exists(): os.replace(running, out/'notebooks'/f'{stage.notebook.stem}.failed.ipynb')
         raise
+    finally: stop.set(); watcher.join()
     os.replace(running, dest)
     src.unlink(missing_ok=True)
     marker = dict(stage=stage.name, key=key, seconds=round(time.time() - t0, 1), notebook=str(dest))

@@ -17,7 +17,7 @@ from .images import InputNorm, imagenet_normalize, resize_centre_crop
 from .train import autocast_for, digest, fit, image_ids, one_cycle, one_cycle_mom
 from .data import load_rgb
 from fastai.callback.schedule import ParamScheduler
-from .core import (pick_preset, get_device, default_num_workers, save_json, load_json, fingerprint, seed_everything, save_checkpoint, load_checkpoint, pin_mmap_threshold)
+from .core import (pick_preset, get_device, default_num_workers, save_json, load_json, fingerprint, seed_everything, save_checkpoint, load_checkpoint, pin_mmap_threshold, progress)
 
 # %% auto #0
 __all__ = ['TEACHER_PRESETS', 'IMAGE_SETS', 'TeacherConfig', 'Teacher', 'hog_dim', 'HOGTeacher', 'hog_teacher', 'pool_features',
@@ -291,7 +291,7 @@ def extract_features(teacher:Teacher,          # what computes the features
     nw = default_num_workers() if num_workers is None else num_workers
     dl = torch.utils.data.DataLoader(_Images(paths, teacher, loader or load_rgb, start), batch_size, shuffle=False,
                                      num_workers=nw, pin_memory=get_device(device).type == 'cuda')
-    row_bytes, done = d * np.dtype(dtype).itemsize, start
+    row_bytes, done, t_start = d * np.dtype(dtype).itemsize, start, time.time()
     with open(part, 'r+b') as f:
         for b, x in enumerate(dl):
             feats = teacher.embed(x).detach().cpu().numpy().astype(dtype)
@@ -300,6 +300,8 @@ def extract_features(teacher:Teacher,          # what computes the features
             done += len(feats)
             if (b + 1) % flush_every == 0 or done == n:
                 f.flush(); os.fsync(f.fileno()); save_json(dict(fingerprint=key, done=done), prog)
+                progress(f'{teacher.name} features of {out_path.stem}', done, n, 'image',
+                         (time.time() - t_start) / (done - start) * (n - done) if done > start else None)
     if done != n: raise RuntimeError(f"{out_path}: extracted {done} of {n} rows")
     man = dict(teacher=teacher.describe(), layer=teacher.describe().get('layer'), dataset=dataset, root=str(root),
                ids=ids, labels=None if labels is None else [int(l) for l in labels],

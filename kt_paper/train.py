@@ -4,7 +4,7 @@
 
 # %% ../nbs/06_train.ipynb #d19c687b
 from __future__ import annotations
-import contextlib, dataclasses, hashlib, os
+import contextlib, dataclasses, hashlib, os, time
 from pathlib import Path
 import numpy as np
 import torch
@@ -16,13 +16,13 @@ from fastai.callback.schedule import combined_cos
 from fastai.callback.progress import CSVLogger
 from fastcore.foundation import L
 from .core import (cpu_has_bf16, seed_everything, save_checkpoint, load_checkpoint, save_json, load_json,
-                           atomic_path, in_test)
+                           atomic_path, in_test, progress)
 from .distributed import world_info
 
 # %% auto #0
 __all__ = ['PRECISIONS', 'Precision', 'precision_policy', 'PrecisionCallback', 'to_channels_last_', 'autocast_for', 'step_lr',
            'one_cycle', 'one_cycle_mom', 'EpochSeed', 'digest', 'image_ids', 'Checkpoint', 'History',
-           'checkpoint_state', 'resume', 'fit', 'process_batch_size']
+           'checkpoint_state', 'resume', 'ProgressEvents', 'fit', 'process_batch_size']
 
 # %% ../nbs/06_train.ipynb #a7829cdb
 PRECISIONS = ('auto', 'fp32', 'bf16', 'fp16')
@@ -180,6 +180,29 @@ def resume(learn:Learner, folder:str|Path, fingerprint:str|None=None, verbose:bo
     learn.opt.load_state_dict(osd)
     return int(st['epoch'])
 
+# %% ../nbs/06_train.ipynb #1167b667
+class ProgressEvents(Callback):
+    "Report training progress (`core.progress`): after every epoch, and within an epoch at most every `every` seconds."
+    order = 95
+    def __init__(self, what:str, every:float=30.): self.what, self.every = what, every
+    def before_fit(self): self.t0 = self.t_last = time.time(); self.start, self.steps = self.epoch, 0
+    def _eta(self) -> float|None:
+        total = (self.n_epoch - self.start) * len(self.dls.train)
+        return (time.time() - self.t0) / self.steps * max(0, total - self.steps) if self.steps else None
+    def _loss(self) -> float|None:
+        r = getattr(self.learn, 'recorder', None)
+        return float(r.smooth_loss.value) if r is not None and r.smooth_loss.value is not None else None
+    def after_batch(self):
+        if not self.training: return
+        self.steps += 1
+        if time.time() - self.t_last < self.every: return
+        self.t_last = time.time()
+        progress(self.what, self.iter + 1, len(self.dls.train), 'step', self._eta(), epoch=f'{self.epoch + 1}/{self.n_epoch}',
+                 loss=self._loss())
+    def after_epoch(self):
+        self.t_last = time.time()
+        progress(self.what, self.epoch + 1, self.n_epoch, 'epoch', self._eta(), loss=self._loss())
+
 # %% ../nbs/06_train.ipynb #dcc1ed08
 def fit(learn:Learner,                 # the model, data, loss and optimiser
         n_epoch:int,                   # total epochs of the run
@@ -189,10 +212,12 @@ def fit(learn:Learner,                 # the model, data, loss and optimiser
         quiet:bool|None=None,          # no progress bar / table (default: under test, and when not `main`)
         precision:str|None=None,       # see `precision_policy`
         cbs=None,                      # extra callbacks for this fit
+        name:str|None=None,            # the job in progress reports (default: `folder`'s name, else the model's class)
         **kwargs                       # passed to `Learner.fit` (lr, wd)
        ) -> int:
-    "Train `learn` for `n_epoch` epochs with the precision policy, checkpoints, resume and history; return the start epoch."
+    "Train `learn` for `n_epoch` epochs with the precision policy, checkpoints, resume, history and progress reports; return the start epoch."
     cbs, start = [PrecisionCallback(precision)] + list(cbs or []), 0
+    if main: cbs.append(ProgressEvents(name or (Path(folder).name if folder is not None else type(getattr(learn.model, 'module', learn.model)).__name__)))
     if folder is not None:
         folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
         start = resume(learn, folder, fingerprint, verbose=main)

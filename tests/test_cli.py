@@ -136,3 +136,22 @@ def test_log_output_streams_cell_output(toy, capsys):
     _cli(toy, '--only', 'clustering', '--log-output', '--force')       # a second call adds no second handler
     out = capsys.readouterr().out
     assert out.count('progress 1') == 2 and 'clustering   ran' in out
+
+
+def test_progress_lines_appear_while_a_stage_runs(tmp_path):
+    "A stage's progress events (`core.progress`, as `train.fit` and `extract_features` send them) reach the console during the stage."
+    import subprocess, sys, time
+    nbs = tmp_path/'nbs'; nbs.mkdir()
+    _toy_nb(nbs/'04_samples.ipynb', "import time\nfrom pathlib import Path\nfrom kt_paper.core import progress\n"
+            "for e in range(1, 4):\n    progress('toy model', e, 3, eta_s=3 - e, loss=1. / e); time.sleep(1.5)\n"
+            "Path(OUT_DIR, 'ended.txt').write_text(str(time.time()))")
+    cmd = [sys.executable, '-c', 'import sys; from kt_paper.reproduce import main; main(sys.argv[1:])', 'reproduce', '--preset', 'test',
+           '--out', str(tmp_path/'run'), '--fig-dir', str(tmp_path/'fig'), '--nbs-path', str(nbs)]
+    p, seen = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True), []
+    for line in p.stdout: seen.append((time.time(), line.rstrip()))
+    assert p.wait() == 0, seen
+    lines = [(t, l.strip()) for t, l in seen if 'toy model: epoch' in l]
+    assert [l for _, l in lines] == ['data: toy model: epoch 1/3, loss 1, ETA 0m02s', 'data: toy model: epoch 2/3, loss 0.5, ETA 0m01s',
+                                     'data: toy model: epoch 3/3, loss 0.3333, ETA 0m00s'], seen
+    ended = float((tmp_path/'run'/'ended.txt').read_text())
+    assert lines[0][0] < ended - 1.5, (lines[0][0], ended)   # the first line was on the console while the stage still ran
