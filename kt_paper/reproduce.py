@@ -16,8 +16,8 @@ from .settings import (DRIVER_PARAMS, STAGE_PRESETS, SettingsError, check_data_r
 # %% auto #0
 __all__ = ['STAGES', 'Stage', 'notebooks_dir', 'find_stages', 'notebook_code', 'stage_key', 'prepare_notebook',
            'notebook_parameters', 'parameter_defaults', 'environ', 'follow_progress', 'run_stage', 'is_done',
-           'git_commit', 'default_out_dirs', 'summary_table', 'reproduce', 'copy_notebooks', 'config_text',
-           'stages_text', 'main']
+           'git_commit', 'default_out_dirs', 'summary_table', 'reproduce', 'ensure_upstream', 'copy_notebooks',
+           'config_text', 'stages_text', 'main']
 
 # %% ../nbs/22_reproduce.ipynb #8c262754
 STAGES = (('data', '04_samples'), ('jigsaw', '10_jigsaw'), ('teachers', '11_teachers'), ('clustering', '13_clustering'),
@@ -258,6 +258,23 @@ def reproduce(preset:str='tiny',          # one of test, tiny, small, paper
     print(summary_table(manifest), flush=True)
     print(f'all stages finished in {manifest["seconds"]:.1f} s; run folder {out}, figures {fig}', flush=True)
     return manifest
+
+# %% ../nbs/22_reproduce.ipynb #a7778609
+def ensure_upstream(stage:str,                   # this notebook's stage, e.g. 'student'
+                    preset:str, out:str|Path,    # the notebook's preset and run folder
+                    data_root:str|None=None, seed:int=0,
+                    nbs_path:str|Path|None=None  # the stage notebooks (default: the checkout's or the package's)
+                   ) -> list[str]:
+    "Opened alone: run the stages before `stage` (cached) so that its inputs exist; return the stages it ran or found."
+    from kt_paper.core import in_test
+    names = [s for s, _ in STAGES]
+    if stage not in names: raise SettingsError(f"no stage {stage!r}; stages: {names}")
+    if os.environ.get('KT_PAPER_DRIVER') or (in_test() and not os.environ.get('KT_PAPER_STANDALONE')): return []
+    before = names[:names.index(stage)]
+    for s in before:
+        print(f"{stage} needs {s}: `kt-paper reproduce --preset {preset} --only {s} --out {out}`", flush=True)
+        reproduce(preset, data_root, out, Path(out)/'figures', seed, only=s, nbs_path=nbs_path, report=False)
+    return before
 
 # %% ../nbs/22_reproduce.ipynb #da1e5414
 def copy_notebooks(dest:str|Path) -> list[Path]:

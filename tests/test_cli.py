@@ -155,3 +155,20 @@ def test_progress_lines_appear_while_a_stage_runs(tmp_path):
                                      'data: toy model: epoch 3/3, loss 0.3333, ETA 0m00s'], seen
     ended = float((tmp_path/'run'/'ended.txt').read_text())
     assert lines[0][0] < ended - 1.5, (lines[0][0], ended)   # the first line was on the console while the stage still ran
+
+
+def test_a_stage_notebook_run_alone_builds_its_inputs(tmp_path):
+    "The clustering notebook, run by papermill alone in an empty run folder (not by the driver), runs data, jigsaw and teachers first."
+    import os, papermill as pm
+    from kt_paper.reproduce import notebooks_dir, prepare_notebook
+    src = prepare_notebook(notebooks_dir()/'13_clustering.ipynb', tmp_path/'13_clustering.ipynb')
+    env = {k: v for k, v in os.environ.items() if not k.startswith('KT_PAPER_DRIVER')}
+    env.update(IN_TEST='1', KT_PAPER_STANDALONE='1', KT_PAPER_PRECISION='fp32', MPLBACKEND='agg')
+    old = dict(os.environ); os.environ.clear(); os.environ.update(env)
+    try: pm.execute_notebook(str(src), str(tmp_path/'done.ipynb'), parameters=dict(PRESET='test', OUT_DIR=str(tmp_path/'run')),
+                             kernel_name='python3', progress_bar=False, cwd=str(notebooks_dir()))
+    finally: os.environ.clear(); os.environ.update(old)
+    run = tmp_path/'run'
+    assert all((run/'stages'/f'{s}.json').exists() for s in ('data', 'jigsaw', 'teachers'))
+    assert (run/'jigsaw'/'jigsaw_cfn.pth').exists()
+    assert all((run/'clusters'/t/'current.json').exists() for t in ('jigsaw', 'hog', 'random'))   # the lesson's own results
