@@ -12,6 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 def _run(cmd, **kw):
+    kw.setdefault('env', {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'})   # the fresh environment sees only its own path
     r = subprocess.run(cmd, capture_output=True, text=True, **kw)
     assert r.returncode == 0, f"{' '.join(map(str, cmd))} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return r
