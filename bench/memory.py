@@ -6,16 +6,17 @@ Two paths are run at the `paper` preset's geometry over 1,000 and then 10,000 im
 - **features**: `teachers.extract_features` of the paper preset's random CFN teacher (AlexNet trunk, conv4, 2x2 grid
   pooling, 224 px input, float16 rows streamed to a `.npy` on disk).
 Images are synthesised per index (500x375 RGB, ImageNet's typical size) by the loader, so that no dataset is
-needed and decoding is not what is measured. Peak RSS is the largest sum over the main process and its workers,
-sampled every 20 ms. Printed last: `rss_growth_puzzles: X` and `rss_growth_features: X`, each
+needed and decoding is not what is measured. Peak RSS is the largest sum over the main process and its workers (`rehearsal.PeakRSS`,
+sampled every 50 ms). Printed last: `rss_growth_puzzles: X` and `rss_growth_features: X`, each
 peak(10k) / peak(1k) - 1. Target: <= 0.10.
 
 Usage: python bench/memory.py [--small 1000] [--large 10000] [--workers 2]
 """
-import argparse, os, platform, tempfile, threading, time
+import argparse, os, platform, tempfile, time
 from pathlib import Path
-import numpy as np, psutil
+import numpy as np
 from PIL import Image
+from kt_paper.rehearsal import PeakRSS   # peak RSS of this process + its loader workers
 
 def synth_image(path) -> Image.Image:
     "A deterministic 500x375 RGB image for `path` (its digits seed it): smooth colour blobs plus noise."
@@ -24,18 +25,6 @@ def synth_image(path) -> Image.Image:
     small = rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)
     img = np.asarray(Image.fromarray(small).resize((500, 375), Image.BILINEAR), np.int16)
     return Image.fromarray(np.clip(img + rng.integers(-20, 21, img.shape), 0, 255).astype(np.uint8))
-
-class PeakRSS:
-    "Peak RSS (bytes) of this process plus its children while the `with` block runs."
-    def __enter__(self):
-        self.peak, self._stop, me = 0, threading.Event(), psutil.Process()
-        def watch():
-            while not self._stop.is_set():
-                try: rss = me.memory_info().rss + sum(c.memory_info().rss for c in me.children(recursive=True))
-                except psutil.Error: rss = 0
-                self.peak = max(self.peak, rss); time.sleep(0.02)
-        self._t = threading.Thread(target=watch, daemon=True); self._t.start(); return self
-    def __exit__(self, *a): self._stop.set(); self._t.join()
 
 def puzzles(n, workers):
     import dataclasses
