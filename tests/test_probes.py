@@ -13,7 +13,7 @@ def test_paper_grids_and_dims():
 
 @pytest.mark.parametrize('preset,grids', [('tiny', (5, 3, 2, 2, 3)), ('small', (9, 6, 5, 5, 6)), ('test', (3, 2, 2, 2, 2))])
 def test_grids_scale_with_input(preset, grids):
-    net = build_alexnet(10, **STUDENT_PRESETS[preset].alexnet_args(), fc_dim=8)
+    net = build_alexnet(10, **{**STUDENT_PRESETS[preset].alexnet_args(), 'fc_dim': 8})
     assert tuple(probe_grids(net).values()) == grids
     probes = LinearProbes(net, 10).eval()
     x = torch.zeros(2, 3, net.args['input_size'], net.args['input_size'])

@@ -24,7 +24,7 @@ EXPECTED = {  # (C, H, W) of conv1..conv5 and pool5 at each preset's crop
 @pytest.mark.parametrize('preset', list(EXPECTED))
 def test_alexnet_shapes_per_preset(preset):
     cfg = STUDENT_PRESETS[preset]
-    net = build_alexnet(10, **cfg.alexnet_args(), fc_dim=16)
+    net = build_alexnet(10, **{**cfg.alexnet_args(), 'fc_dim': 16})
     shp = activation_shapes(net)
     assert [shp[n] for n in (*CONV_LAYERS, 'pool5')] == EXPECTED[preset]
     assert net.classifier.fc6.fc.in_features == int(np.prod(EXPECTED[preset][-1]))
@@ -227,3 +227,19 @@ def test_stage_reclustering_with_another_k_retrains_on_the_new_labels(tmp_path):
         assert model.classifier.fc8.out_features == max(load_pseudo_labels(cdir/'pseudo_labels_objects_train.csv').labels) + 1
     assert runs[0]['fingerprint'] != runs[1]['fingerprint'] and runs[2]['fingerprint'] == runs[0]['fingerprint']
     assert load_json(tmp_path/'student'/'cc_hog'/'metrics.json')['fingerprint'] == runs[2]['fingerprint']
+
+
+def test_student_recipe_options():
+    "The architecture and schedule fields reach the network and the learner; an unknown schedule is refused by name."
+    import dataclasses
+    from kt_paper.student import STUDENT_PRESETS, student_learner
+    cfg = dataclasses.replace(STUDENT_PRESETS['test'], conv1_kernel=5, conv1_pad=2, groups=1, fc_dim=32, schedule='one_cycle')
+    net = build_alexnet(3, **cfg.alexnet_args())
+    assert net.features.conv1.conv.kernel_size == (5, 5) and net.features.conv1.conv.padding == (2, 2)
+    assert all(m.groups == 1 for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+    assert net.classifier.fc8.in_features == 32
+    sched = next(cb for cb in student_learner(net, None, cfg).cbs if type(cb).__name__ == 'ParamScheduler')
+    assert set(sched.scheds) == {'lr', 'mom'}
+    lr = sched.scheds['lr']; assert lr(0.) < lr(0.25) and abs(lr(0.25) - cfg.lr) < 1e-9 and lr(1.) < cfg.lr / 100
+    with pytest.raises(ValueError, match='schedule'):
+        student_learner(net, None, dataclasses.replace(cfg, schedule='cosine'))
