@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_data.ipynb #99dc91b2
 from __future__ import annotations
-import dataclasses, os, warnings
+import dataclasses, math, os, warnings
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,13 +45,16 @@ def _to_rgb(im:Image.Image) -> Image.Image:
     return im.convert('RGB')
 
 # %% ../nbs/01_data.ipynb #a0e23059
-def load_rgb(path:str|Path # an image file
+def load_rgb(path:str|Path,           # an image file
+             min_side:int|None=None    # JPEG only: decode in draft mode, at no less than this many px on the shorter side
             ) -> Image.Image:
     "Read `path` fully as an RGB image, EXIF orientation applied; raise `ImageReadError` naming the file otherwise."
     path = Path(path)
     if not path.is_file(): raise ImageReadError(f"{path}: image file not found")
     try:
         with Image.open(path) as im:
+            if min_side and im.format == 'JPEG' and min(im.size) > min_side:   # the DCT scales by 1/2, 1/4 or 1/8
+                s = min_side / min(im.size); im.draft(im.mode, (math.ceil(im.size[0] * s), math.ceil(im.size[1] * s)))
             im.load()                          # decode now: truncated data raises here, not later in a worker
             im = ImageOps.exif_transpose(im)
             return _to_rgb(im)

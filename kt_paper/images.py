@@ -4,13 +4,18 @@
 
 # %% ../nbs/05_images.ipynb #da6d3550
 from __future__ import annotations
+import os, shutil
+from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
 from PIL import Image
+from .core import atomic_path, save_json
+from .data import IMG_EXTS, DataError, ImageReadError, load_rgb
 
 # %% auto #0
-__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'INPUT_NORMS', 'imagenet_normalize', 'resize_centre_crop', 'InputNorm']
+__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'INPUT_NORMS', 'imagenet_normalize', 'resize_centre_crop', 'InputNorm', 'resize_file',
+           'resize_copy']
 
 # %% ../nbs/05_images.ipynb #4b1bf7e2
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -61,3 +66,73 @@ class InputNorm(nn.Module):
         mu, sd = raw.mean((-3, -2, -1), keepdim=True), raw.std((-3, -2, -1), keepdim=True, unbiased=False)
         return (raw - mu)/(sd + self.eps)*self.scale
     def extra_repr(self): return f"kind={self.kind!r}, scale={self.scale}"
+
+# %% ../nbs/05_images.ipynb #eef6fc44
+def resize_file(src:str|Path,        # an image file
+                dst:str|Path,        # where its copy goes (same format)
+                short_side:int=256,  # the copy's shorter side, at most
+                quality:int=90       # JPEG / WebP quality of re-encoded images
+               ) -> str:
+    "Copy one image with its shorter side at most `short_side`: 'resized' or 'copied' (already small); `ImageReadError` names a bad file."
+    src, dst = Path(src), Path(dst)
+    with Image.open(src) as probe: fmt, size = probe.format, probe.size
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if min(size) <= short_side:
+        load_rgb(src)                                    # a bad small file is reported, not copied
+        with atomic_path(dst) as t: shutil.copyfile(src, t)
+        what = 'copied'
+    else:
+        im = load_rgb(src, min_side=short_side)          # draft-mode JPEG decode, EXIF applied
+        s = short_side / min(im.size)
+        im = im.resize((max(short_side, round(im.size[0] * s)), max(short_side, round(im.size[1] * s))), Image.BILINEAR)
+        with atomic_path(dst) as t: im.save(t, format=fmt, **({'quality': quality} if fmt in ('JPEG', 'WEBP') else {}))
+        what = 'resized'
+    st = src.stat(); os.utime(dst, (st.st_atime, st.st_mtime))   # same mtime as the source: how a resumed copy knows it is done
+    return what
+
+# %% ../nbs/05_images.ipynb #34bbfcab
+def _copy_one(job) -> tuple:
+    "One file of `resize_copy`: `(relative path, outcome, error or None)`."
+    src, dst, rel, short_side, quality = job
+    try:
+        if dst.exists() and dst.stat().st_mtime >= src.stat().st_mtime: return rel, 'kept', None
+        if src.suffix.lower() not in IMG_EXTS:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(dst) as t: shutil.copy2(src, t)
+            return rel, 'copied', None
+        return rel, resize_file(src, dst, short_side, quality), None
+    except (ImageReadError, OSError) as e: return rel, 'failed', f'{src}: {e}' if str(src) not in str(e) else str(e)
+
+def resize_copy(src:str|Path,          # a dataset folder (class folders, Tiny-ImageNet, MiniPlaces, ...)
+                dst:str|Path,          # where the copy goes (made if missing; resumed if partly there)
+                short_side:int=256,    # images' shorter side in the copy, at most (256: the paper's LMDB)
+                quality:int=90,        # JPEG quality of the resized images
+                workers:int|None=None, # processes (None: every CPU; 0: this process)
+                on_error:str='raise'   # 'raise' on the first unreadable image, or 'skip' it (listed in the manifest)
+               ) -> dict:
+    "Copy the tree `src` to `dst` with every image at most `short_side` px on its shorter side; return the manifest."
+    import multiprocessing as mp
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir(): raise DataError(f"{src}: no such dataset folder")
+    if on_error not in ('raise', 'skip'): raise ValueError(f"on_error={on_error!r}: 'raise' or 'skip'")
+    if any(a.is_dir() and any(a.glob('*.xml')) for a in src.rglob('Annotations')):
+        raise DataError(f"{src}: a detection dataset (Annotations/*.xml): its boxes are pixel coordinates of the originals, do not resize it")
+    if dst.resolve().is_relative_to(src.resolve()): raise DataError(f"{dst}: inside the source {src}")
+    jobs = [(f, dst/f.relative_to(src), str(f.relative_to(src)), short_side, quality)
+            for f in sorted(src.rglob('*')) if f.is_file() and not f.name.startswith('.')]
+    counts, failed = dict(resized=0, copied=0, kept=0, failed=0), []
+    workers = os.cpu_count() if workers is None else workers
+    pool = mp.get_context('spawn').Pool(workers) if workers > 0 and len(jobs) > 1 else None
+    try:
+        from kt_paper.images import _copy_one as one   # the importable function, also when this cell runs in a notebook
+        for rel, what, err in (pool.imap_unordered(one, jobs, chunksize=64) if pool else map(one, jobs)):
+            counts[what] += 1
+            if err:
+                if on_error == 'raise': raise ImageReadError(err)
+                failed.append(err)
+    finally:
+        if pool: pool.terminate()
+    man = dict(source=str(src), short_side=short_side, quality=quality, files=len(jobs), **counts, skipped=sorted(failed))
+    save_json(man, dst/'resize_copy.json')
+    if failed: print(f"resize_copy({src}): {len(failed)} unreadable images skipped (listed in {dst/'resize_copy.json'})")
+    return man

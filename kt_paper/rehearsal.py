@@ -14,8 +14,7 @@ from .core import atomic_path, cpu_has_bf16, environment_info, get_device, save_
 # %% auto #0
 __all__ = ['PAPER_COUNTS', 'REHEARSAL_COLUMNS', 'StepTimer', 'PeakRSS', 'StageRow', 'folder_bytes', 'full_run_jobs',
            'rehearsal_roots', 'rehearse_pretext', 'rehearse_features', 'rehearse_clustering', 'rehearse_student',
-           'rehearse_probes', 'rehearse_transfer', 'draft_rgb', 'input_rates', 'run_rehearsal', 'machine_line',
-           'write_rehearsal']
+           'rehearse_probes', 'rehearse_transfer', 'input_rates', 'run_rehearsal', 'machine_line', 'write_rehearsal']
 
 # %% ../nbs/22_rehearsal.ipynb #66545439
 class StepTimer(Callback):
@@ -247,24 +246,20 @@ def rehearse_transfer(roots:dict, preset:str, steps:int, device, n_test:int=4) -
     return rows
 
 # %% ../nbs/22_rehearsal.ipynb #c26899b1
-def draft_rgb(path, short:int):
-    "An RGB PIL image of `path` decoded in JPEG draft mode at no less than `short` px on its shorter side."
-    from PIL import Image
-    with Image.open(path) as im:
-        if im.format == 'JPEG':
-            w, h = im.size; s = short / min(w, h)
-            im.draft('RGB', (max(1, math.ceil(w * s)), max(1, math.ceil(h * s))))
-        return im.convert('RGB')
-
 def input_rates(paths:list, preset:str, n:int=200) -> dict:
-    "Images/s on one core: full decode + prepare, and draft-mode decode + prepare, at the puzzle geometry of `preset`."
+    "Images/s on one core at the puzzle geometry of `preset`: full decode, draft-mode decode, and a pre-resized copy, each + prepare."
     from kt_paper.data import load_rgb
+    from kt_paper.images import resize_file
     from kt_paper.jigsaw import JIGSAW_PRESETS, prepare_image
     cfg = JIGSAW_PRESETS[preset]; ps = (paths * math.ceil(n / len(paths)))[:n]; out = {}
-    for name, f in (('full decode', load_rgb), ('draft-mode decode', lambda p: draft_rgb(p, cfg.resize))):
-        t0 = time.perf_counter()
-        for p in ps: prepare_image(f(p), cfg)
-        out[name] = n / (time.perf_counter() - t0)
+    with tempfile.TemporaryDirectory() as d:
+        small = {p: Path(d)/f'{i}{Path(p).suffix}' for i, p in enumerate(dict.fromkeys(ps))}
+        for p, q in small.items(): resize_file(p, q, max(cfg.resize, 256))    # what `kt-paper resize` writes
+        for name, f in (('full decode', load_rgb), ('draft-mode decode', lambda p: load_rgb(p, min_side=cfg.resize)),
+                        ('pre-resized copy', lambda p: load_rgb(small[p]))):
+            t0 = time.perf_counter()
+            for p in ps: prepare_image(f(p), cfg)
+            out[name] = n / (time.perf_counter() - t0)
     return out
 
 # %% ../nbs/22_rehearsal.ipynb #ebd68911

@@ -333,6 +333,12 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument('--nbs-path', default=None, help="the stage notebooks' folder")
     n = sub.add_parser('notebooks', help='copy the notebooks to DEST')
     n.add_argument('dest')
+    z = sub.add_parser('resize', help="a copy of a dataset with every image at most SHORT px on its shorter side (the paper's 256-px LMDB)")
+    z.add_argument('src'); z.add_argument('dest')
+    z.add_argument('--short-side', type=int, default=256)
+    z.add_argument('--quality', type=int, default=90, help='JPEG quality of the resized images')
+    z.add_argument('--workers', type=int, default=None, help='processes (default: every CPU)')
+    z.add_argument('--skip-bad', action='store_true', help='skip unreadable images (listed in DEST/resize_copy.json) instead of stopping')
     return p
 
 def _settings(a) -> tuple[dict, list]:
@@ -383,6 +389,12 @@ def main(argv:list[str]|None=None):
         for f in copy_notebooks(a.dest): print(f)
         return
     if a.cmd == 'stages': print(stages_text(a.nbs_path)); return
+    if a.cmd == 'resize':
+        from kt_paper.images import resize_copy
+        from kt_paper.data import DataError
+        try: m = resize_copy(a.src, a.dest, a.short_side, a.quality, a.workers, 'skip' if a.skip_bad else 'raise')
+        except DataError as e: p.error(str(e))
+        print(f"{a.dest}: {m['resized']} resized, {m['copied']} copied, {m['kept']} already there, {m['failed']} skipped"); return
     try:
         overrides, params = _settings(a)
         if a.cmd == 'config':

@@ -172,3 +172,17 @@ def test_a_stage_notebook_run_alone_builds_its_inputs(tmp_path):
     assert all((run/'stages'/f'{s}.json').exists() for s in ('data', 'jigsaw', 'teachers'))
     assert (run/'jigsaw'/'jigsaw_cfn.pth').exists()
     assert all((run/'clusters'/t/'current.json').exists() for t in ('jigsaw', 'hog', 'random'))   # the lesson's own results
+
+
+def test_resize_command(tmp_path, capsys):
+    "`kt-paper resize SRC DEST` makes the pre-resized copy; a detection tree is refused with a usage error naming it."
+    from PIL import Image
+    from kt_paper.reproduce import main
+    (tmp_path/'src'/'c').mkdir(parents=True)
+    Image.new('RGB', (512, 300)).save(tmp_path/'src'/'c'/'a.jpg')
+    main(['resize', str(tmp_path/'src'), str(tmp_path/'dst'), '--short-side', '100', '--workers', '0'])
+    assert '1 resized' in capsys.readouterr().out
+    assert Image.open(tmp_path/'dst'/'c'/'a.jpg').size == (171, 100)
+    (tmp_path/'voc'/'Annotations').mkdir(parents=True); (tmp_path/'voc'/'Annotations'/'x.xml').write_text('<a/>')
+    with pytest.raises(SystemExit): main(['resize', str(tmp_path/'voc'), str(tmp_path/'v')])
+    assert 'pixel coordinates' in capsys.readouterr().err
