@@ -1,4 +1,4 @@
-"Tests of kt_paper.finetune and kt_paper.transfer: VOC readers, heads, augmentation, step-counted training on a Learner, each protocol, the transfer tables (kt_paper.report) and the stage end to end on tiny data."
+"Tests of kt_paper.finetune, kt_paper.segmentation and kt_paper.transfer: VOC readers, heads, augmentation, step-counted training on a Learner, each protocol, the transfer tables (kt_paper.report) and the stage end to end on tiny data."
 import dataclasses, os
 from pathlib import Path
 import numpy as np
@@ -8,9 +8,9 @@ from PIL import Image
 from kt_paper.data import AnnotationError
 from kt_paper.finetune import (VOCImage, read_voc_split, read_voc_seg_split, class_labels, conv_trunk, trunk_channels,
                                epoch_plan, StepDraws, train_steps, random_crop_flip)
-from kt_paper.transfer import (TRANSFER_PRESETS, ClsConfig, SegConfig, TransferConfig, TrunkClassifier, FCN32, masked_bce,
-                               det_target, to_voc_boxes, voc07_classification, voc07_detection, voc12_segmentation,
-                               transfer_student, find_students, read_mask, run_transfer)
+from kt_paper.transfer import (TRANSFER_PRESETS, ClsConfig, TransferConfig, TrunkClassifier, masked_bce, det_target,
+                               to_voc_boxes, voc07_classification, voc07_detection, transfer_student, find_students, run_transfer)
+from kt_paper.segmentation import SegConfig, FCN32, read_mask, voc12_segmentation
 from kt_paper.report import (transfer_rows, write_transfer_table, TRANSFER_COLUMNS, ablation_students, k_ablation_rows,
                              domain_ablation_rows, student_label, describe_setup)
 from kt_paper.nets import build_alexnet, save_alexnet
@@ -294,7 +294,7 @@ def test_segmentation_splits_follow_the_fcn_reference_when_present(toy_voc, tmp_
     "'auto' splits: SBD train beside the VOCdevkit and seg11valid when present, else VOC12 train and val."
     import shutil
     from scipy.io import savemat
-    from kt_paper.transfer import seg_splits
+    from kt_paper.segmentation import seg_splits
     v12 = toy_voc[1]
     assert seg_splits(v12, SegConfig()) == ('train', 'val')
     root = tmp_path/'copy'; shutil.copytree(Path(v12).parents[1], root)
