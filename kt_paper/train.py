@@ -39,7 +39,7 @@ class Precision:
 # %% ../nbs/06_train.ipynb #cf97880c
 def precision_policy(device:torch.device|str='cpu', # where the network runs
                      precision:str|None=None,        # one of `PRECISIONS`; None: `$KT_PAPER_PRECISION` or 'auto'
-                     channels_last:bool|None=None    # None: with mixed precision only (where it measured faster)
+                     channels_last:bool|None=None    # None: `$KT_PAPER_CHANNELS_LAST`, else on for CPUs, with mixed precision on CUDA
                     ) -> Precision:
     "The precision and memory layout to train (or run) a network with on `device`."
     precision = precision or os.environ.get('KT_PAPER_PRECISION') or 'auto'
@@ -48,7 +48,11 @@ def precision_policy(device:torch.device|str='cpu', # where the network runs
     if precision == 'auto':
         if dev.type == 'cuda': precision = 'bf16' if torch.cuda.is_bf16_supported() else 'fp16'
         else: precision = 'bf16' if dev.type == 'cpu' and cpu_has_bf16() else 'fp32'
-    return Precision(precision, precision != 'fp32' if channels_last is None else channels_last)
+    if channels_last is None:
+        env = os.environ.get('KT_PAPER_CHANNELS_LAST', '')
+        if env not in ('', '0', '1'): raise ValueError(f"KT_PAPER_CHANNELS_LAST must be 0 or 1, not {env!r}")
+        channels_last = env == '1' if env else dev.type == 'cpu' or precision != 'fp32'   # where it measured faster
+    return Precision(precision, channels_last)
 
 # %% ../nbs/06_train.ipynb #8f08a069
 class PrecisionCallback(MixedPrecision):
