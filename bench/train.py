@@ -4,7 +4,8 @@ For each trainer the same network is trained for a few steps on the same in-memo
 - **kt_paper**: the library's own path (its `Learner`, callbacks and `kt_paper.train.fit`, precision `auto`);
 - **bare**: `for x, y in batches: opt.zero_grad(); loss(model(x), y).backward(); opt.step()` with the torch optimiser
   of the same update (SGD + momentum + L2, or AdamW for fastai's decoupled Adam), in fp32 and in bf16 autocast, each
-  in the default and the channels-last memory layout; the fastest of the four is the reference ("best bare"). Where the protocol's
+  in the default and the channels-last memory layout; the fastest of the four is the reference ("best bare"); on a CPU without bf16 units, where bf16 is emulated and
+  several times slower, only the two fp32 loops run unless `--emulated-bf16`. Where the protocol's
   update clips the gradient norm (VOC07 fine-tuning), the bare loop clips it too: the same update, not a cheaper one.
 Data are pre-decoded uint8 images (student, probes, VOC07 fine-tuning) or pre-built puzzles (pretext), so what is compared is the training
 loop, its precision and its per-batch work (crops, flips, normalisation on the kt_paper side are part of its cost).
@@ -130,17 +131,20 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument('--preset', default='small'); ap.add_argument("--steps", type=int, default=60)
     ap.add_argument('--warmup', type=int, default=5); ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument('--emulated-bf16', action='store_true', help="also time bf16 bare loops on a CPU without bf16 units")
     a = ap.parse_args()
     from kt_paper.core import cpu_has_bf16
     torch.manual_seed(0)
     print(f"machine: {cpu_name()}, {torch.get_num_threads()} threads, bf16 units: {cpu_has_bf16()}, torch {torch.__version__}, preset {a.preset}")
+    variants = [('fp32', False), ('fp32', True)] + ([('bf16', False), ('bf16', True)] if cpu_has_bf16() or a.emulated_bf16 else [])
+    if len(variants) == 2: print("no bf16 units: the bare bf16 loops (emulated, several times slower than fp32) are skipped; --emulated-bf16 times them")
     ratios = []
     for case in (student_case, pretext_case, probe_case, transfer_case):
         name, kt, model, batches, opt, loss, clip = case(a.preset, a.steps, a.warmup)
         refs, rate = {}, 0.
         for _ in range(a.rounds):
             r_kt, prec = kt(); rate = max(rate, r_kt)
-            for p, cl in (('fp32', False), ('fp32', True), ('bf16', False), ('bf16', True)):
+            for p, cl in variants:
                 k = f'{p}{"+cl" if cl else ""}'; refs[k] = max(refs.get(k, 0.), bare(model, batches, opt, p, cl, loss, a.warmup, clip))
         best = max(refs, key=refs.get); r = rate / refs[best]; ratios.append(r)
         print(f"{name:26s} kt_paper {rate:8.1f} img/s ({prec.name}{'+cl' if prec.channels_last else ''})  bare: " +

@@ -22,11 +22,11 @@ from .train import step_lr, EpochSeed, fit
 
 # %% auto #0
 __all__ = ['PROBE_GRIDS_227', 'FMAP_SIDES_227', 'PROBE_PRESETS', 'NL_LAYERS', 'PROBE_ROLES', 'NONLINEAR_SETS', 'PAPER_ROW_NAMES',
-           'probe_grids', 'probe_dims', 'ProbeConfig', 'freeze_', 'ResizeTo', 'grid_pool', 'LinearProbes',
-           'multi_head_loss', 'linear_probe_learner', 'partial_sgd', 'evaluate_heads', 'PartlyFrozen',
+           'SPREAD_ROWS', 'probe_grids', 'probe_dims', 'ProbeConfig', 'freeze_', 'ResizeTo', 'grid_pool',
+           'LinearProbes', 'multi_head_loss', 'linear_probe_learner', 'partial_sgd', 'evaluate_heads', 'PartlyFrozen',
            'nonlinear_probe_model', 'probe_dls', 'run_linear_probes', 'nonlinear_probe_learner', 'run_nonlinear_probe',
            'parse_probe_sets', 'probe_set_roots', 'probe_split', 'probe_table', 'cached_probe', 'probe_models',
-           'probe_set', 'run_probes', 'demo_students']
+           'probe_set', 'run_probes', 'demo_students', 'run_seed_spread']
 
 # %% ../nbs/15_probes.ipynb #7985f1da
 PROBE_GRIDS_227 = dict(conv1=10, conv2=6, conv3=5, conv4=5, conv5=6)  # Zhang et al.'s grids at 227 px
@@ -378,3 +378,38 @@ def demo_students(out:str|Path, preset:str, data_root:str|None=None, seed:int=0,
     train_student([str(p) for p in tr.paths], tr.labels, [str(p) for p in va.paths], va.labels, scfg, d/'supervised',
                   n_classes=len(tr.classes), seed=seed)
     return d
+
+# %% ../nbs/15_probes.ipynb #cb75c059
+SPREAD_ROWS = ('random', 'cc_jigsaw', 'cc_hog', 'cc_random')   # Random, CC+Jigsaw++, CC+HOG, CC+Random-teacher
+
+def run_seed_spread(out:str|Path,               # a run folder whose clustering and evaluation stages have run
+                    preset:str='tiny',          # the run's preset
+                    data_root:str|None=None,    # folder of the real datasets
+                    seed:int=0,                 # the run's seed
+                    other_seed:int|None=None,   # the second seed (default `seed + 1`)
+                    device:str='auto',
+                    probe_set:str='objects',    # the probe set whose linear cells are compared
+                    quiet:bool=False,
+                   ) -> dict:
+    "Train and probe the key rows with a second seed under `<out>/seed<s>/`; write and return `<out>/noise.json`."
+    from kt_paper.student import run_student, PRESET_CC_TEACHERS
+    from kt_paper.report import collect_results, seed_spread, MODEL_ROWS
+    out = Path(out); other = seed + 1 if other_seed is None else other_seed
+    if other == seed: raise ValueError(f"the second seed must differ from the run's ({seed})")
+    first = out/'probes'/f'linear_{probe_set}.json'
+    if not first.exists(): raise FileNotFoundError(f"{first}: run the evaluation stage first (the first seed's probes)")
+    o2 = out/f'seed{other}'
+    teachers = PRESET_CC_TEACHERS.get(preset, PRESET_CC_TEACHERS['default'])
+    run_student(o2, preset, data_root, other, device, cluster_dir=str(out/'clusters'), cc_teachers=teachers, extras=False, quiet=quiet)
+    for d in (o2/'student').iterdir():   # only the key rows are compared (and probed)
+        if d.is_dir() and d.name not in SPREAD_ROWS: raise RuntimeError(f"{d}: not a key row; the second seed trains only {SPREAD_ROWS}")
+    run_probes(o2, preset, data_root, other, device, probe_sets=probe_set, quiet=quiet)
+    a, b = ({t: r[0] for t, r in collect_results(o).items()} for o in (out, o2))
+    pts = seed_spread(a, b, rows=tuple(MODEL_ROWS[n] for n in SPREAD_ROWS))
+    if pts is None: raise RuntimeError(f"no key row ({', '.join(SPREAD_ROWS)}) was probed under both {out} and {o2}")
+    la, lb = a.get('linear_imagenet', {}), b.get('linear_imagenet', {})
+    cells = {f'{r}/{c}': [round(v, 2), round(lb[(r, c)], 2)] for (r, c), v in la.items() if (r, c) in lb}
+    res = dict(points=round(pts, 2), seeds=[seed, other], probe_set=probe_set, preset=preset, cells=cells,
+               note='largest |seed a - seed b| over the key rows\' linear-probe cells (top-1 points); same teachers and clusters')
+    save_json(res, out/'noise.json')
+    return res

@@ -403,6 +403,7 @@ def run_student(out:str|Path,               # run folder: students go to `<out>/
                 clustered_on:str='objects_train', # the CC students' centres were fitted on this feature set
                 cc_teachers:str='auto',     # teachers that get a CC student: 'auto' (`PRESET_CC_TEACHERS[preset]`), 'all', or names
                 standin:bool=False,         # no clustering: train one student on stand-in labels (tests only)
+                extras:bool=True,           # also the supervised, directly used Jigsaw and ablation rows (False: CC rows + Random)
                 quiet:bool=False,
                 **overrides                 # `StudentConfig` fields to change (every student of the stage)
                ) -> dict:
@@ -435,7 +436,7 @@ def run_student(out:str|Path,               # run folder: students go to `<out>/
         else: skipped[f'cc_{t}'] = 'not in cc_teachers'
     if not jobs and standin and images is not None: jobs['standin_thumbnails'] = standin_labels(images, seed)
     students = {name: train_one(name, root, ytr, yva, k, images) for name, (ytr, yva, k) in jobs.items()}
-    students['supervised'] = train_one('supervised', root, imgs=images)
+    if extras: students['supervised'] = train_one('supervised', root, imgs=images)
     seed_everything(seed)
     rnd = build_alexnet(len(classes), **cfg.alexnet_args())
     if cfg.bn:   # the strongest fair random baseline: BN statistics of unlabeled training images, no labels, no training
@@ -444,12 +445,12 @@ def run_student(out:str|Path,               # run folder: students go to `<out>/
     save_alexnet(rnd, sdir/'random'/'final.pth')
     made = [*students, 'random']
     cands = [Path(jigsaw_ckpt)] if jigsaw_ckpt else [out/'jigsaw'/'jigsaw_cfn.pth', out/'teachers'/'jigsaw_cfn.pth']
-    for name, ckpts in (('jigsaw_direct', cands), ('jigsaw_plain', [out/'jigsaw_plain'/'jigsaw_cfn.pth'])):
+    for name, ckpts in (('jigsaw_direct', cands), ('jigsaw_plain', [out/'jigsaw_plain'/'jigsaw_cfn.pth'])) if extras else ():
         if (ck := next((c for c in ckpts if c.exists()), None)) is None: skipped[name] = f'no CFN checkpoint among {[str(c) for c in ckpts]}'; continue
         save_alexnet(alexnet_from_cfn(ck, len(classes), cfg.crop), sdir/name/'final.pth'); made.append(name)
         log(f'{name}: the convolutions of {ck}')
     save_json(students, sdir/'summary.json')
-    abl_jobs, abl_skipped = _ablation_jobs(out, cluster_dir, root, scenes_root, images, decode)
+    abl_jobs, abl_skipped = _ablation_jobs(out, cluster_dir, root, scenes_root, images, decode) if extras else ({}, {})
     ablation = {name: train_one(name, data, ftr, fva, k, imgs) for name, (data, ftr, fva, k, imgs) in abl_jobs.items()}
     if ablation: save_json(ablation, sdir/'ablation_summary.json')
     skipped.update(abl_skipped)

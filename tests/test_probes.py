@@ -147,3 +147,32 @@ def test_run_probes_caches_by_checkpoint_content(tmp_path):
     save_alexnet(m, sd/'random'/'final.pth')
     run_probes(tmp_path, 'test', seed=0, device='cpu', probe_sets='scenes', student_dir=sd, quiet=True)
     assert n_files() == 3                                            # the changed model was probed again
+
+
+def test_seed_spread_trains_the_key_rows_again_and_writes_the_noise(tmp_path):
+    """A second seed of the key rows on the same clusters: only those rows, new weights, and noise.json = the largest
+    difference between the two seeds' linear-probe cells, which the claims scoreboard then reads."""
+    from kt_paper.teachers import run_teachers
+    from kt_paper.clustering import run_clustering
+    from kt_paper.student import run_student
+    from kt_paper.probes import run_probes, run_seed_spread
+    from kt_paper.report import noise_of_run, collect_results, seed_spread, claims
+    from kt_paper.core import load_json
+    run_teachers(tmp_path, 'test', seed=0, device='cpu', train_jigsaw=False)
+    run_clustering(tmp_path, 'test', seed=0, device='cpu', teachers='hog', ablation_ks=(), k=3)
+    run_student(tmp_path, 'test', seed=0, device='cpu', cc_teachers='hog', quiet=True)
+    run_probes(tmp_path, 'test', seed=0, device='cpu', probe_sets='objects', quiet=True)
+    res = run_seed_spread(tmp_path, 'test', seed=0, device='cpu', quiet=True)
+    o2 = tmp_path/'seed1'
+    assert sorted(p.name for p in (o2/'student').iterdir() if p.is_dir()) == ['cc_hog', 'random']   # no supervised / ablation rows
+    w0, w1 = (torch.load(o/'student'/'cc_hog'/'final.pth', weights_only=True) for o in (tmp_path, o2))
+    k = next(k for k in w0 if k.endswith('conv1.conv.weight'))
+    assert not torch.equal(w0[k], w1[k])                                          # another seed, other weights
+    assert load_json(o2/'student'/'cc_hog'/'metrics.json')['seed'] == 1
+    a, b = ({t: r[0] for t, r in collect_results(o).items()} for o in (tmp_path, o2))
+    assert res['points'] == round(seed_spread(a, b), 2) and res['seeds'] == [0, 1]
+    assert set(res['cells']) == {f'{r}/conv{i}' for r in ('Random', 'CC+HOG') for i in range(1, 6)}
+    assert max(abs(x - y) for x, y in res['cells'].values()) == pytest.approx(res['points'], abs=0.01)
+    assert noise_of_run(tmp_path) == res['points'] and load_json(tmp_path/'noise.json') == res
+    rows = claims(a, 'test', noise_of_run(tmp_path))
+    assert rows and all(r['noise'] == res['points'] and r['beyond_noise'] != 'noise not measured' for r in rows)
