@@ -392,17 +392,14 @@ def run_seed_spread(out:str|Path,               # a run folder whose clustering 
                     quiet:bool=False,
                    ) -> dict:
     "Train and probe the key rows with a second seed under `<out>/seed<s>/`; write and return `<out>/noise.json`."
-    from kt_paper.student import run_student, PRESET_CC_TEACHERS
+    from kt_paper.student import run_student
     from kt_paper.report import collect_results, seed_spread, MODEL_ROWS
     out = Path(out); other = seed + 1 if other_seed is None else other_seed
     if other == seed: raise ValueError(f"the second seed must differ from the run's ({seed})")
     first = out/'probes'/f'linear_{probe_set}.json'
     if not first.exists(): raise FileNotFoundError(f"{first}: run the evaluation stage first (the first seed's probes)")
     o2 = out/f'seed{other}'
-    teachers = PRESET_CC_TEACHERS.get(preset, PRESET_CC_TEACHERS['default'])
-    run_student(o2, preset, data_root, other, device, cluster_dir=str(out/'clusters'), cc_teachers=teachers, extras=False, quiet=quiet)
-    for d in (o2/'student').iterdir():   # only the key rows are compared (and probed)
-        if d.is_dir() and d.name not in SPREAD_ROWS: raise RuntimeError(f"{d}: not a key row; the second seed trains only {SPREAD_ROWS}")
+    run_student(o2, preset, data_root, other, device, cluster_dir=str(out/'clusters'), extras=False, quiet=quiet)   # CC rows + Random
     run_probes(o2, preset, data_root, other, device, probe_sets=probe_set, quiet=quiet)
     a, b = ({t: r[0] for t, r in collect_results(o).items()} for o in (out, o2))
     pts = seed_spread(a, b, rows=tuple(MODEL_ROWS[n] for n in SPREAD_ROWS))
