@@ -250,12 +250,13 @@ def reproduce(preset:str='tiny',          # one of test, tiny, small, paper
         return manifest
     from kt_paper.report import write_report
     from kt_paper.figures import conv1_filters_figure, pipeline_figure_from_run, training_curves_figure
-    files = write_report(out, fig) + [pipeline_figure_from_run(out, fig, seed=seed), conv1_filters_figure(out, fig),
+    files = write_report(out, fig, preset) + [pipeline_figure_from_run(out, fig, seed=seed), conv1_filters_figure(out, fig),
                                       training_curves_figure(out, fig)]
     manifest['report'] = [str(f) for f in files if f]
     print(f'report: {len(manifest["report"])} tables and figures written to {fig}', flush=True)
     manifest['seconds'] = round(time.time() - t_all, 1)
     save_json(manifest, out/'manifest.json')
+    save_json(manifest, fig/'run_manifest.json')   # the figures folder says which run made it
     print(summary_table(manifest), flush=True)
     print(f'all stages finished in {manifest["seconds"]:.1f} s; run folder {out}, figures {fig}', flush=True)
     return manifest

@@ -51,6 +51,8 @@ def test_pipeline_end_to_end_test_preset(tmp_path, monkeypatch):
     for s in find_stages(): assert (tmp_path/'run'/'notebooks'/s.notebook.name).exists()
     man = load_json(tmp_path/'run'/'manifest.json')
     assert man['preset'] == 'test' and man['environment']['torch']
+    assert load_json(tmp_path/'fig'/'run_manifest.json')['stages'] == man['stages']   # the figures say which run made them
+    assert "(preset `test`)" in (tmp_path/'fig'/'claims.md').read_text()   # written before the run's manifest exists
     m2 = reproduce('test', out=tmp_path/'run', fig_dir=tmp_path/'fig')
     assert all(v['cached'] for v in m2['stages'].values())
 
