@@ -30,6 +30,7 @@ class ClusterConfig:
     max_points_per_centroid:int=1000 # training subsample: at most k * this points (faiss's default is 256)
     init:str='kmeans++'              # 'kmeans++' (greedy, on a subsample) or 'random' (faiss's default)
     init_points_per_centroid:int=20  # k-means++ runs on at most k * this points
+    warm_points_per_centroid:int|None=32 # the first niter//2 iterations on k * this points (`kmeans`); None = all on the training set
     pca_max_points:int=200_000       # PCA is fitted on at most this many points
     tiny_frac:float=0.1              # clusters with fewer than tiny_frac * n/k members are counted as "tiny"
     backend:str='auto'               # 'auto' (faiss if importable, else torch), 'faiss' or 'torch'
@@ -107,7 +108,7 @@ def fit_clusters(x:np.ndarray,           # (n, d) training features (a memmap is
     pp = fit_preprocessing(x, cfg.pca_dim, cfg.whiten, cfg.l2, cfg.pca_max_points, seed)
     xp = apply_preprocessing(pp, x)
     r = kmeans(xp, cfg.k, cfg.niter, seed, cfg.nredo, cfg.max_points_per_centroid, cfg.init,
-               cfg.init_points_per_centroid, cfg.backend, device)
+               cfg.init_points_per_centroid, cfg.warm_points_per_centroid, cfg.backend, device)
     pp.save(out_dir/'preprocess.npz'); save_array(r.centroids, out_dir/'centroids.npy')
     summary = dict(config=cfg, seed=seed, n_train=len(x), in_dim=int(x.shape[1]), dim=int(xp.shape[1]),
                    backend=r.backend, objective=r.objective, redo_objectives=r.redo_objectives,

@@ -11,8 +11,8 @@ import torch
 from .core import get_device, atomic_path
 
 # %% auto #0
-__all__ = ['Preprocessing', 'fit_preprocessing', 'apply_preprocessing', 'kmeanspp_init', 'assign', 'kmeans_objective',
-           'resolve_backend', 'torch_lloyd', 'KMeansResult', 'kmeans', 'make_blobs']
+__all__ = ['Preprocessing', 'fit_preprocessing', 'apply_preprocessing', 'kmeanspp_init', 'seeding_dtype', 'assign',
+           'kmeans_objective', 'resolve_backend', 'torch_lloyd', 'KMeansResult', 'kmeans', 'make_blobs']
 
 # %% ../nbs/12_kmeans.ipynb #1291da02
 try:
@@ -100,13 +100,24 @@ def kmeanspp_init(x:np.ndarray|torch.Tensor, # (n, d) points
                   k:int,                      # number of centres
                   seed:int=0,                 # random seed
                   n_trials:int|None=None,     # candidates per step; None = 2 + ln(k) (greedy, as scikit-learn)
-                  device='cpu'                # where to compute
+                  device='cpu',               # where to compute
+                  precision:str|None=None     # distance products: 'fp32', 'bf16', 'fp16' or 'auto'; None: `$KT_PAPER_PRECISION` or 'auto'
                  ) -> np.ndarray:
     "Greedy k-means++ seeding: `(k, d)` float32 centres chosen among the rows of `x`."
     X = torch.as_tensor(np.asarray(x, np.float32)).to(device)
+    dtype = seeding_dtype(X.device, precision)
     if X.device.type == 'cpu':  # k sequential small steps: one thread avoids a thread sync per op (5-8x faster when cores are busy)
-        with _torch_threads(1): return _kmeanspp(X, k, seed, n_trials)
-    return _kmeanspp(X, k, seed, n_trials)
+        with _torch_threads(1): return _kmeanspp(X, k, seed, n_trials, dtype)
+    return _kmeanspp(X, k, seed, n_trials, dtype)
+
+def seeding_dtype(device, precision:str|None=None) -> torch.dtype|None:
+    "dtype of the seeding's distance products under the training precision policy (`train.precision_policy`); None = fp32."
+    from kt_paper.train import precision_policy   # lazy: the policy's module pulls in fastai
+    return precision_policy(device, precision).dtype
+
+def _sqdist_lowp(c:torch.Tensor, x:torch.Tensor, cc:torch.Tensor, xx:torch.Tensor) -> torch.Tensor:
+    "`_sqdist(c, x)` with the product `c @ x.T` in the low precision of `c` and `x`, norms (fp32) given."
+    return (c @ x.T).float().mul_(-2).add_(xx[None]).add_(cc[:, None]).clamp_(min=0)
 
 @contextlib.contextmanager
 def _torch_threads(n:int):
@@ -115,20 +126,22 @@ def _torch_threads(n:int):
     try: yield
     finally: torch.set_num_threads(old)
 
-def _kmeanspp(X:torch.Tensor, k:int, seed:int, n_trials:int|None) -> np.ndarray:
-    "The k-means++ loop of `kmeanspp_init` on a tensor."
+def _kmeanspp(X:torch.Tensor, k:int, seed:int, n_trials:int|None, dtype:torch.dtype|None=None) -> np.ndarray:
+    "The k-means++ loop of `kmeanspp_init` on a tensor; `dtype` (None = fp32) for the (candidates x points) products."
     n = len(X)
     if k > n: raise ValueError(f"k={k} centres requested from only {n} points")
     L = n_trials or 2 + int(math.log(k))
     g = torch.Generator().manual_seed(seed)
     xx = (X*X).sum(1)
+    Xl = None if dtype is None else X.to(dtype)   # half the bytes per pass: each step reads every point once
     chosen = [int(torch.randint(n, (1,), generator=g))]
     dmin = _sqdist(X, X[chosen[0]][None], xx[chosen[0]][None])[:, 0]
     pot = dmin.sum()
     for _ in range(1, k):
         p = (dmin / pot).cpu() if pot > 0 else torch.full((n,), 1/n)
         cand = torch.multinomial(p, L, replacement=True, generator=g).to(X.device)
-        d_c = torch.minimum(_sqdist(X[cand], X, xx), dmin[None])  # (L, n): distances if each candidate were added
+        d_c = _sqdist(X[cand], X, xx) if Xl is None else _sqdist_lowp(Xl[cand], Xl, xx[cand], xx)
+        d_c = torch.minimum(d_c, dmin[None])  # (L, n): distances if each candidate were added
         pots = d_c.sum(1)
         b = int(pots.argmin())
         chosen.append(int(cand[b])); dmin, pot = d_c[b], pots[b]
@@ -206,6 +219,22 @@ def torch_lloyd(x:np.ndarray,          # (n, d) training points
         nsplit += _split_empty(C, counts, g)
     return C.cpu().numpy(), nsplit
 
+# %% ../nbs/12_kmeans.ipynb #23add0af
+def _lloyd_plan(xt:np.ndarray, k:int, niter:int, warm_points_per_centroid:int|None, rng:np.random.Generator) -> list:
+    "`[(points, iterations), ...]`: a warm start of `niter // 2` iterations on `k * warm_points_per_centroid` of `xt` when that is under half of it, then the rest on all of `xt`."
+    m = None if warm_points_per_centroid is None else k * warm_points_per_centroid
+    if m is None or niter < 2 or 2*m > len(xt): return [(xt, niter)]
+    return [(xt[np.sort(rng.choice(len(xt), m, replace=False))], niter // 2), (xt, niter - niter // 2)]
+
+def _lloyd(backend:str, x:np.ndarray, C0:np.ndarray, niter:int, seed:int, gpu:bool, device) -> tuple[np.ndarray, int]:
+    "`niter` Lloyd iterations from `C0` on `x` with faiss or `torch_lloyd`; `(centroids, nsplit)`."
+    if backend == 'torch': return torch_lloyd(x, C0, niter, seed=seed, device=device)
+    k, d = C0.shape
+    km = faiss.Kmeans(d, k, niter=niter, seed=seed, gpu=bool(gpu), verbose=False,
+                      max_points_per_centroid=len(x) // k + 1, min_points_per_centroid=1)
+    km.train(x, init_centroids=C0)
+    return km.centroids.copy(), int(sum(st['nsplit'] for st in km.iteration_stats))
+
 # %% ../nbs/12_kmeans.ipynb #7a19dc14
 @dataclasses.dataclass
 class KMeansResult:
@@ -225,8 +254,10 @@ def kmeans(x:np.ndarray,                   # (n, d) float32 points (a memmap is 
            max_points_per_centroid:int=256,# train on at most k * this random points
            init:str='kmeans++',            # 'kmeans++' or 'random'
            init_points_per_centroid:int=20,# k-means++ subsample size per centre
+           warm_points_per_centroid:int|None=32, # the first niter//2 iterations on k * this points (None: all on the training set)
            backend:str='auto',             # 'auto', 'faiss' or 'torch'
            device='auto',                  # device of the torch backend (faiss uses its GPU when it has one)
+           precision:str|None=None,        # of the k-means++ products (`kmeanspp_init`); None: `$KT_PAPER_PRECISION` or 'auto'
           ) -> KMeansResult:
     "k-means with faiss (GPU if available) or PyTorch, k-means++-seeded on a subsample."
     t0, backend = time.time(), resolve_backend(backend)
@@ -243,16 +274,12 @@ def kmeans(x:np.ndarray,                   # (n, d) float32 points (a memmap is 
         if init == 'kmeans++':
             m = min(len(xt), k*init_points_per_centroid)
             sub = xt[r_rng.choice(len(xt), m, replace=False)] if m < len(xt) else xt
-            C0 = kmeanspp_init(sub, k, seed=s, device='cpu' if backend == 'faiss' else get_device(device))
+            C0 = kmeanspp_init(sub, k, seed=s, device='cpu' if backend == 'faiss' else get_device(device), precision=precision)
         else:
             C0 = xt[r_rng.choice(len(xt), k, replace=False)]
-        if backend == 'faiss':
-            km = faiss.Kmeans(d, k, niter=niter, seed=s, gpu=bool(gpu), verbose=False,
-                              max_points_per_centroid=len(xt) // k + 1, min_points_per_centroid=1)
-            km.train(xt, init_centroids=C0)
-            C, ns = km.centroids.copy(), int(sum(st['nsplit'] for st in km.iteration_stats))
-        else:
-            C, ns = torch_lloyd(xt, C0, niter, seed=s, device=device)
+        C, ns = C0, 0
+        for xs, it in _lloyd_plan(xt, k, niter, warm_points_per_centroid, r_rng):
+            C, ns_ = _lloyd(backend, xs, C, it, s, gpu, device); ns += ns_
         obj = kmeans_objective(xt, C, 'faiss' if backend == 'faiss' else 'torch')
         objs.append(obj)
         if best is None or obj < min(objs[:-1]): best, nsplit_best = C, ns

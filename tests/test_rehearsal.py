@@ -13,7 +13,7 @@ def test_test_sized_rehearsal_through_the_cli(tmp_path, monkeypatch):
     assert [r['stage'] for r in rows] == ['pretext', 'teachers', 'teachers', 'clustering', 'student', 'evaluation', 'evaluation',
                                           'transfer', 'transfer', 'transfer']
     for r in rows:
-        assert float(r['step_s']) > 0 and float(r['hours']) > 0 and int(r['full_steps']) > 0, r
+        assert float(r['step_s']) > 0 and float(r['hours']) > 0 and float(r['full_steps']) > 0, r
         assert float(r['peak_rss_gb']) > 0.1, r
     info = json.loads((tmp_path/'rehearsal.json').read_text())
     assert set(info['hours_by_stage']) == set(STAGES) and info['preset'] == 'test'
