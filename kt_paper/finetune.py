@@ -19,12 +19,11 @@ from fastai.callback.core import Callback
 from fastai.callback.schedule import ParamScheduler
 from fastai.callback.training import GradientClip
 from fastai.data.core import DataLoaders
-from fastai.optimizer import SGD
 from .core import get_device, default_num_workers
 from .data import VOC_CLASSES, DataError, find_sbd, load_rgb, read_sbd, read_voc, read_voc_segmentation
 from .data import voc_dir as ktvoc_dir
 from .nets import cut_at
-from .train import EpochSeed, digest, fit, step_lr
+from .train import EpochSeed, digest, fit, sgd, step_lr
 
 # %% auto #0
 __all__ = ['VOCImage', 'read_voc_split', 'class_labels', 'read_voc_seg_split', 'ImageStore', 'conv_trunk', 'trunk_channels',
@@ -156,7 +155,7 @@ def step_learner(net:nn.Module,         # the network to fine-tune
     dls = DataLoaders(tdl, torch.utils.data.DataLoader([]), device=device)
     dls.n_inp = n_inp
     cbs = [EpochSeed(seed), DrawEpoch()] + ([GradientClip(cfg.clip)] if cfg.clip else []) + list(cbs or [])
-    learn = Learner(dls, net.to(device), loss_func=loss_func, opt_func=partial(SGD, mom=cfg.momentum, decouple_wd=False),
+    learn = Learner(dls, net.to(device), loss_func=loss_func, opt_func=partial(sgd, mom=cfg.momentum, decouple_wd=False),
                     lr=cfg.lr, wd=cfg.wd, wd_bn_bias=True, cbs=cbs)
     learn.recorder.valid_metrics = False
     return learn

@@ -331,7 +331,7 @@ def load_jigsaw_net(path:str|Path, map_location='cpu') -> JigsawNet:
 from fastai.data.core import DataLoaders
 from fastai.learner import Learner
 from fastai.metrics import accuracy
-from fastai.optimizer import SGD, Adam
+from .train import sgd, adam
 from fastai.callback.schedule import ParamScheduler
 
 def jigsaw_dataloaders(train_items:Sequence,         # training images (paths, PIL images or arrays)
@@ -391,8 +391,8 @@ def jigsaw_learner(dls:DataLoaders, net:JigsawNet, cfg:JigsawConfig,
     device = get_device(device)
     net.to(device); Path(path).mkdir(parents=True, exist_ok=True)
     if cfg.opt == 'sgd' and cfg.bias_lr_mult != 1: scale_bias_grads_(net, cfg.bias_lr_mult)
-    if cfg.opt == 'sgd': opt = lambda ps, lr: SGD(ps, lr, mom=cfg.momentum, decouple_wd=False)
-    elif cfg.opt == 'adam': opt = Adam
+    if cfg.opt == 'sgd': opt = lambda ps, lr: sgd(ps, lr, mom=cfg.momentum, decouple_wd=False)
+    elif cfg.opt == 'adam': opt = adam
     else: raise ValueError(f"unknown optimiser {cfg.opt!r}")
     return Learner(dls, net, loss_func=nn.CrossEntropyLoss(), opt_func=opt, metrics=accuracy, wd=cfg.wd,
                    path=Path(path), model_dir='.', cbs=SetEpoch())

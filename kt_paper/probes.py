@@ -13,12 +13,11 @@ from fastai.learner import Learner
 from fastai.data.core import DataLoaders
 from fastai.callback.schedule import ParamScheduler
 from fastai.metrics import accuracy
-from fastai.optimizer import SGD
 from .core import seed_everything, save_json, load_json, atomic_path, fingerprint
 from .data import ROLES, DATA_PRESETS, DataConfig, DataError, dataset_roots, read_image_set
 from .nets import AlexNet, CONV_LAYERS, build_alexnet, init_alexnet_, layer_outputs
 from .student import evaluate_top1, image_dataset, make_student_dls, decode_images
-from .train import step_lr, EpochSeed, fit
+from .train import sgd, step_lr, EpochSeed, fit
 
 # %% auto #0
 __all__ = ['PROBE_GRIDS_227', 'FMAP_SIDES_227', 'PROBE_PRESETS', 'NL_LAYERS', 'PROBE_ROLES', 'NONLINEAR_SETS', 'PAPER_ROW_NAMES',
@@ -136,9 +135,9 @@ def linear_probe_learner(probes:LinearProbes, dls:DataLoaders, cfg:ProbeConfig, 
                    metrics=[_head_accuracy(i, n) for i, n in enumerate(probes.layers)], cbs=[EpochSeed(seed), sched])
 
 def partial_sgd(cfg:ProbeConfig):
-    "fastai SGD with the config's momentum and coupled weight decay."
+    "fastai's SGD (`train.sgd`) with the config's momentum and coupled weight decay."
     from functools import partial
-    return partial(SGD, mom=cfg.momentum, wd=cfg.wd, decouple_wd=False)
+    return partial(sgd, mom=cfg.momentum, wd=cfg.wd, decouple_wd=False)
 
 @torch.no_grad()
 def evaluate_heads(probes:LinearProbes, dl) -> dict:

@@ -16,22 +16,22 @@ from PIL import Image
 from fastai.learner import Learner
 from fastai.data.core import DataLoaders
 from fastai.callback.schedule import ParamScheduler
-from fastai.optimizer import SGD
 from fastai.metrics import accuracy
 import torch.distributed as dist
 from .core import (seed_everything, save_json, load_json, default_num_workers, get_device, pick_preset, fingerprint)
 from .images import imagenet_normalize
 from .nets import ALEXNET_CHANNELS, ALEXNET_FC, CONV_LAYERS, AlexNet, scaled, build_alexnet, save_alexnet
 from .data import load_rgb
-from .train import EpochSeed, step_lr, one_cycle, one_cycle_mom, fit, checkpoint_state, process_batch_size, digest, image_ids
+from .train import EpochSeed, sgd, step_lr, one_cycle, one_cycle_mom, fit, checkpoint_state, process_batch_size, digest, image_ids
 from .distributed import DistributedCallback, world_info
 
 # %% auto #0
 __all__ = ['STUDENT_PRESETS', 'PRESET_CC_TEACHERS', 'BN_IMAGES', 'StudentConfig', 'decode_image', 'decode_images',
-           'crop_flip_normalize', 'ImageTensorDataset', 'ImageFileDataset', 'image_dataset', 'balanced_sampler',
-           'make_student_dls', 'student_learner', 'evaluate_top1', 'synthetic_images', 'student_fingerprint',
-           'train_student', 'alexnet_from_cfn', 'match_labels', 'read_student_data', 'run_student_job',
-           'cluster_labels', 'standin_labels', 'estimate_bn_stats_', 'run_student']
+           'crop_flip_normalize', 'crop_flip_normalize_batch', 'ImageTensorDataset', 'keep_batch', 'ImageFileDataset',
+           'image_dataset', 'balanced_sampler', 'make_student_dls', 'student_learner', 'evaluate_top1',
+           'synthetic_images', 'student_fingerprint', 'train_student', 'alexnet_from_cfn', 'match_labels',
+           'read_student_data', 'run_student_job', 'cluster_labels', 'standin_labels', 'estimate_bn_stats_',
+           'run_student']
 
 # %% ../nbs/14_student.ipynb #0e6c7c6f
 @dataclasses.dataclass(frozen=True)
@@ -101,14 +101,37 @@ def crop_flip_normalize(img:torch.Tensor, # uint8 (3, H, W)
     if train and bool(torch.rand(()) < 0.5): x = x.flip(-1)
     return imagenet_normalize(x)
 
+# %% ../nbs/14_student.ipynb #64bd8131
+def crop_flip_normalize_batch(imgs:torch.Tensor, # uint8 (B, 3, H, W)
+                              crop:int,          # output size
+                              train:bool         # random crop + mirror per image, else centre crop
+                             ) -> torch.Tensor:
+    "`crop_flip_normalize` of every image of a batch, with one normalisation for the batch (no per-image tensor ops)."
+    b, _, h, w = imgs.shape
+    if not train:
+        i, j = (h - crop)//2, (w - crop)//2
+        return imagenet_normalize(imgs[:, :, i:i+crop, j:j+crop])
+    ii, jj = torch.randint(0, h - crop + 1, (b,)).tolist(), torch.randint(0, w - crop + 1, (b,)).tolist()
+    flips = (torch.rand(b) < 0.5).tolist()
+    crops = [im[:, i:i+crop, j:j+crop] for im, i, j in zip(imgs, ii, jj)]
+    return imagenet_normalize(torch.stack([c.flip(-1) if f else c for c, f in zip(crops, flips)]))
+
 # %% ../nbs/14_student.ipynb #9a57530c
 class ImageTensorDataset(torch.utils.data.Dataset):
-    "Decoded uint8 images in memory + integer labels, augmented by `crop_flip_normalize`."
+    "Decoded uint8 images in memory + integer labels, augmented by `crop_flip_normalize` (a batch at a time in loaders)."
     def __init__(self, images:torch.Tensor, labels, crop:int, train:bool):
         if len(images) != len(labels): raise ValueError(f"{len(images)} images but {len(labels)} labels")
         self.images, self.labels, self.crop, self.train = images, torch.as_tensor(np.asarray(labels), dtype=torch.long), crop, train
     def __len__(self): return len(self.images)
     def __getitem__(self, i): return crop_flip_normalize(self.images[i], self.crop, self.train), self.labels[i]
+    def __getitems__(self, idx:list) -> list:
+        "A whole batch `[images, labels]` in one go (torch's batched fetch); its loader collates with `keep_batch`."
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        return [crop_flip_normalize_batch(self.images[idx], self.crop, self.train), self.labels[idx]]
+
+def keep_batch(batch:list) -> tuple:
+    "The collate function of loaders over `ImageTensorDataset`: its `__getitems__` already made the batch."
+    return tuple(batch)
 
 class ImageFileDataset(torch.utils.data.Dataset):
     "Image files decoded on the fly + integer labels, augmented by `crop_flip_normalize`."
@@ -137,8 +160,10 @@ def make_student_dls(train_ds, valid_ds, bs:int, balanced:bool=False, num_worker
     # in-memory images: worker processes would only add copies and contention, so the default is 0 for them
     nw = (0 if isinstance(train_ds, ImageTensorDataset) else default_num_workers()) if num_workers is None else num_workers
     sampler = balanced_sampler(train_ds.labels) if balanced else None
-    tdl = torch.utils.data.DataLoader(train_ds, bs, shuffle=sampler is None, sampler=sampler, num_workers=nw, drop_last=len(train_ds) > bs)
-    vdl = torch.utils.data.DataLoader(valid_ds, bs*2, shuffle=False, num_workers=nw)
+    collate = lambda ds: keep_batch if isinstance(ds, ImageTensorDataset) else None   # None: torch's default
+    tdl = torch.utils.data.DataLoader(train_ds, bs, shuffle=sampler is None, sampler=sampler, num_workers=nw, drop_last=len(train_ds) > bs,
+                                      collate_fn=collate(train_ds))
+    vdl = torch.utils.data.DataLoader(valid_ds, bs*2, shuffle=False, num_workers=nw, collate_fn=collate(valid_ds))
     return DataLoaders(tdl, vdl, device=device)
 
 # %% ../nbs/14_student.ipynb #6cb41f54
@@ -150,7 +175,7 @@ def student_learner(model:nn.Module,    # the network to train
                    ) -> Learner:
     "A `Learner` with the AlexNet recipe: SGD + momentum, coupled weight decay, step (or one-cycle) lr, top-1 metric."
     if cfg.schedule not in ('step', 'one_cycle'): raise ValueError(f"StudentConfig.schedule: {cfg.schedule!r} is not 'step' or 'one_cycle'")
-    opt = partial(SGD, mom=cfg.momentum, wd=cfg.wd, decouple_wd=False)
+    opt = partial(sgd, mom=cfg.momentum, wd=cfg.wd, decouple_wd=False)
     sched = ParamScheduler({'lr': step_lr(cfg.lr, cfg.lr_milestones, cfg.epochs, cfg.lr_gamma)} if cfg.schedule == 'step'
                            else {'lr': one_cycle(cfg.lr), 'mom': one_cycle_mom()})
     return Learner(dls, model, loss_func=nn.CrossEntropyLoss(), opt_func=opt, lr=cfg.lr, metrics=accuracy,

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from PIL import Image
 from .nets import cut_at
 from .images import InputNorm, imagenet_normalize, resize_centre_crop
-from .train import autocast_for, digest, fit, image_ids, one_cycle, one_cycle_mom
+from .train import adam, autocast_for, digest, fit, image_ids, one_cycle, one_cycle_mom
 from .data import load_rgb
 from fastai.callback.schedule import ParamScheduler
 from .core import (pick_preset, get_device, default_num_workers, save_json, load_json, fingerprint, seed_everything, save_checkpoint, load_checkpoint, pin_mmap_threshold, progress)
@@ -218,7 +218,7 @@ def train_supervised_teacher(paths:Sequence,        # training images
     dl = torch.utils.data.DataLoader(ds, bs, shuffle=True, num_workers=default_num_workers() if num_workers is None else num_workers,
                                      generator=torch.Generator().manual_seed(seed), drop_last=len(ds) > bs)
     model = _Classifier(trunk, int(max(labels)) + 1)
-    learn = Learner(DataLoaders(dl, dl, device=get_device(device)), model, loss_func=nn.CrossEntropyLoss(), metrics=accuracy)
+    learn = Learner(DataLoaders(dl, dl, device=get_device(device)), model, loss_func=nn.CrossEntropyLoss(), opt_func=adam, metrics=accuracy)
     fit(learn, epochs, cbs=[ParamScheduler({'lr': one_cycle(lr, div_final=1e5), 'mom': one_cycle_mom()})])   # fastai's fit_one_cycle
     return model.trunk.cpu().eval()
 

@@ -15,14 +15,15 @@ from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.schedule import combined_cos
 from fastai.callback.progress import CSVLogger
 from fastcore.foundation import L
+from fastcore.basics import patch
 from .core import (cpu_has_bf16, seed_everything, save_checkpoint, load_checkpoint, save_json, load_json,
                            atomic_path, in_test, progress)
 from .distributed import world_info
 
 # %% auto #0
 __all__ = ['PRECISIONS', 'Precision', 'precision_policy', 'PrecisionCallback', 'to_channels_last_', 'autocast_for', 'step_lr',
-           'one_cycle', 'one_cycle_mom', 'EpochSeed', 'digest', 'image_ids', 'Checkpoint', 'History',
-           'checkpoint_state', 'resume', 'ProgressEvents', 'fit', 'process_batch_size']
+           'one_cycle', 'one_cycle_mom', 'ForeachOptimizer', 'sgd', 'adam', 'EpochSeed', 'digest', 'image_ids',
+           'Checkpoint', 'History', 'checkpoint_state', 'resume', 'ProgressEvents', 'fit', 'process_batch_size']
 
 # %% ../nbs/06_train.ipynb #a7829cdb
 PRECISIONS = ('auto', 'fp32', 'bf16', 'fp16')
@@ -105,6 +106,58 @@ def one_cycle(lr:float, pct_start:float=0.25, div:float=25., div_final:float=1e4
 def one_cycle_mom(pct_start:float=0.25, moms=(0.95, 0.85, 0.95)):
     "fastai's one-cycle momentum (or Adam's beta1): down while the rate rises, back up while it falls."
     return combined_cos(pct_start, *moms)
+
+# %% ../nbs/06_train.ipynb #bd2d260a
+from fastai.optimizer import Optimizer, SGD as _fastai_sgd, Adam as _fastai_adam, debias
+
+class ForeachOptimizer(Optimizer):
+    "fastai's SGD (`kind='sgd'`) or Adam (`'adam'`) with each update made by `torch._foreach_*` ops over a param group."
+    def __init__(self, params, cbs, kind:str, decouple_wd:bool, **defaults):
+        if kind not in ('sgd', 'adam'): raise ValueError(f"unknown optimiser kind {kind!r}")
+        super().__init__(params, cbs, **defaults)
+        self.kind, self.decouple_wd = kind, decouple_wd
+
+    def _buffers(self, ps:list, key:str) -> list:
+        "The state tensor `key` of every parameter of `ps` (zeros when new)."
+        for p in ps:
+            if key not in self.state[p]: self.state[p][key] = torch.zeros_like(p.grad.data)
+        return [self.state[p][key] for p in ps]
+
+def sgd(params, lr, mom:float=0., wd=0., decouple_wd:bool=True) -> ForeachOptimizer:
+    "fastai's `SGD` (same arguments, state and update), stepped with foreach ops."
+    return ForeachOptimizer(params, _fastai_sgd(params, lr, mom, wd, decouple_wd).cbs, 'sgd', decouple_wd, lr=lr, mom=mom, wd=wd)
+
+def adam(params, lr, mom:float=0.9, sqr_mom:float=0.99, eps:float=1e-5, wd=0.01, decouple_wd:bool=True) -> ForeachOptimizer:
+    "fastai's `Adam` (same arguments, state and update), stepped with foreach ops."
+    return ForeachOptimizer(params, _fastai_adam(params, lr, mom, sqr_mom, eps, wd, decouple_wd).cbs, 'adam', decouple_wd,
+                            lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
+
+# %% ../nbs/06_train.ipynb #4a45e9f0
+@patch
+def step(self:ForeachOptimizer, closure=None):
+    "One update of every parameter with a gradient: weight decay (decoupled or L2), then the SGD or Adam step."
+    if closure is not None: raise NotImplementedError("fastai optimizers do not support closure")
+    for pg, h in zip(self.param_lists, self.hypers):
+        ps = [p for p in pg if getattr(p, 'grad', None) is not None]
+        if not ps: continue
+        decayed = [p for p in ps if self.state[p].get('do_wd', True)]
+        if h['wd'] != 0 and decayed:
+            if self.decouple_wd: torch._foreach_mul_([p.data for p in decayed], 1 - h['lr'] * h['wd'])
+            else: torch._foreach_add_([p.grad.data for p in decayed], [p.data for p in decayed], alpha=h['wd'])
+        data, grads = [p.data for p in ps], [p.grad.data for p in ps]
+        if self.kind == 'sgd':
+            if h['mom'] == 0: torch._foreach_add_(data, grads, alpha=-h['lr']); continue
+            avg = self._buffers(ps, 'grad_avg'); torch._foreach_mul_(avg, h['mom']); torch._foreach_add_(avg, grads, alpha=1.)
+            torch._foreach_add_(data, avg, alpha=-h['lr']); continue
+        avg, sqr = self._buffers(ps, 'grad_avg'), self._buffers(ps, 'sqr_avg')
+        torch._foreach_mul_(avg, h['mom']); torch._foreach_add_(avg, grads, alpha=1 - h['mom'])
+        torch._foreach_mul_(sqr, h['sqr_mom']); torch._foreach_addcmul_(sqr, grads, grads, value=1 - h['sqr_mom'])
+        for p in ps: self.state[p]['step'] = self.state[p].get('step', 0) + 1
+        for s in sorted({self.state[p]['step'] for p in ps}):   # one group per step count (all equal unless params were frozen)
+            ix = [k for k, p in enumerate(ps) if self.state[p]['step'] == s]
+            d1, d2 = debias(h['mom'], 1 - h['mom'], s), debias(h['sqr_mom'], 1 - h['sqr_mom'], s)
+            den = torch._foreach_div([sqr[k] for k in ix], d2); torch._foreach_sqrt_(den); torch._foreach_add_(den, h['eps'])
+            torch._foreach_addcdiv_([data[k] for k in ix], [avg[k] for k in ix], den, value=-h['lr'] / d1)
 
 # %% ../nbs/06_train.ipynb #2f53428d
 class EpochSeed(Callback):

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset, DistributedSampler
 from fastai.learner import Learner
-from fastai.optimizer import SGD
+from kt_paper.train import sgd as SGD   # the project's foreach-stepped fastai SGD
 from fastai.data.core import DataLoaders
 import fastai.callback.progress  # Learner.no_bar
 from kt_paper.core import seed_everything, save_checkpoint
