@@ -12,7 +12,7 @@ from .core import get_device, atomic_path
 
 # %% auto #0
 __all__ = ['Preprocessing', 'fit_preprocessing', 'apply_preprocessing', 'kmeanspp_init', 'seeding_dtype', 'assign',
-           'kmeans_objective', 'resolve_backend', 'torch_lloyd', 'KMeansResult', 'kmeans', 'make_blobs']
+           'kmeans_objective', 'resolve_backend', 'torch_lloyd', 'warm_start', 'KMeansResult', 'kmeans', 'make_blobs']
 
 # %% ../nbs/12_kmeans.ipynb #1291da02
 try:
@@ -220,11 +220,16 @@ def torch_lloyd(x:np.ndarray,          # (n, d) training points
     return C.cpu().numpy(), nsplit
 
 # %% ../nbs/12_kmeans.ipynb #23add0af
+def warm_start(n:int, k:int, niter:int, warm_points_per_centroid:int|None) -> tuple[int, int]:
+    "`(points, iterations)` of the warm start on `n` training points: `k * warm_points_per_centroid` for `niter // 2` when under half of `n`, else `(0, 0)`."
+    m = 0 if warm_points_per_centroid is None else k * warm_points_per_centroid
+    return (m, niter // 2) if m and niter >= 2 and 2*m <= n else (0, 0)
+
 def _lloyd_plan(xt:np.ndarray, k:int, niter:int, warm_points_per_centroid:int|None, rng:np.random.Generator) -> list:
-    "`[(points, iterations), ...]`: a warm start of `niter // 2` iterations on `k * warm_points_per_centroid` of `xt` when that is under half of it, then the rest on all of `xt`."
-    m = None if warm_points_per_centroid is None else k * warm_points_per_centroid
-    if m is None or niter < 2 or 2*m > len(xt): return [(xt, niter)]
-    return [(xt[np.sort(rng.choice(len(xt), m, replace=False))], niter // 2), (xt, niter - niter // 2)]
+    "`[(points, iterations), ...]`: the `warm_start` on a random subsample of `xt`, then the other iterations on all of it."
+    m, w = warm_start(len(xt), k, niter, warm_points_per_centroid)
+    if not w: return [(xt, niter)]
+    return [(xt[np.sort(rng.choice(len(xt), m, replace=False))], w), (xt, niter - w)]
 
 def _lloyd(backend:str, x:np.ndarray, C0:np.ndarray, niter:int, seed:int, gpu:bool, device) -> tuple[np.ndarray, int]:
     "`niter` Lloyd iterations from `C0` on `x` with faiss or `torch_lloyd`; `(centroids, nsplit)`."

@@ -161,7 +161,7 @@ def rehearse_features(paths:list, preset:str, net, n_images:int, device, work:Pa
 def rehearse_clustering(features:Path, preset:str, device, n_synth:int|None=None) -> list:
     "k-means on the rehearsal's own features (k capped by their number), then one Lloyd iteration at the preset's k timed on `n_synth` points to project the full clustering."
     from kt_paper.clustering import CLUSTER_PRESETS
-    from kt_paper.kmeans import apply_preprocessing, fit_preprocessing, kmeans, kmeanspp_init
+    from kt_paper.kmeans import apply_preprocessing, fit_preprocessing, kmeans, kmeanspp_init, warm_start
     cfg = CLUSTER_PRESETS[preset]; x = np.load(features).astype(np.float32)
     pp = fit_preprocessing(x, min(cfg.pca_dim or x.shape[1], x.shape[1], len(x) - 1), cfg.whiten, cfg.l2)
     kmeans(apply_preprocessing(pp, x), min(cfg.k, len(x) // 4), niter=2, seed=0, backend=cfg.backend, device=device)  # the code path, on real features
@@ -174,12 +174,12 @@ def rehearse_clustering(features:Path, preset:str, device, n_synth:int|None=None
         t0 = time.perf_counter(); kmeans(xs, cfg.k, niter=2, init='random', backend=cfg.backend, device=device, max_points_per_centroid=n_synth)
         t_iter = (time.perf_counter() - t0) / 2
     jobs, step_s = full_run_jobs(preset)['clusterings'], t_iter * n_train / n_synth
-    warm = cfg.niter // 2 if cfg.warm_points_per_centroid and 2 * cfg.k * cfg.warm_points_per_centroid <= n_train else 0
-    full_iters = (cfg.niter - warm) + warm * cfg.k * (cfg.warm_points_per_centroid or 0) / n_train + 1 + t_seed / step_s
+    m_warm, warm = warm_start(n_train, cfg.k, cfg.niter, cfg.warm_points_per_centroid)
+    full_iters = (cfg.niter - warm) + warm * m_warm / n_train + 1 + t_seed / step_s
     return [_row('clustering', f'k-means k={cfg.k} on {n_train} x {d}, iterations', (2, step_s, float('nan')), n_train, m, 0,
                  round(full_iters, 1), jobs, jobs * n_full * 24 / 2**30,
                  f'Lloyd iterations timed on {n_synth} points and scaled to {n_train}; in full-set iterations: {cfg.niter - warm} + '
-                 f'{warm} warm-start ones on {cfg.k * (cfg.warm_points_per_centroid or 0) if warm else 0} points + the assignment of '
+                 f'{warm} warm-start ones on {m_warm} points + the assignment of '
                  f'{n_full} + k-means++ seeding ({t_seed:.1f} s, measured at its real size)')]
 
 # %% ../nbs/23_rehearsal.ipynb #99b4dcf5

@@ -27,7 +27,7 @@ from .distributed import DistributedCallback, world_info
 
 # %% auto #0
 __all__ = ['STUDENT_PRESETS', 'PRESET_CC_TEACHERS', 'BN_IMAGES', 'StudentConfig', 'decode_image', 'decode_images',
-           'crop_flip_normalize', 'crop_flip_normalize_batch', 'ImageTensorDataset', 'keep_batch', 'ImageFileDataset',
+           'crop_flip_normalize_batch', 'crop_flip_normalize', 'ImageTensorDataset', 'keep_batch', 'ImageFileDataset',
            'image_dataset', 'balanced_sampler', 'make_student_dls', 'student_learner', 'evaluate_top1',
            'synthetic_images', 'student_fingerprint', 'train_student', 'alexnet_from_cfn', 'match_labels',
            'read_student_data', 'run_student_job', 'cluster_labels', 'standin_labels', 'estimate_bn_stats_',
@@ -88,25 +88,12 @@ def decode_images(paths, resize:int) -> torch.Tensor:
     "Decode all `paths` into one uint8 tensor (N, 3, resize, resize)."
     return torch.stack([decode_image(p, resize) for p in paths]) if len(paths) else torch.zeros(0, 3, resize, resize, dtype=torch.uint8)
 
-def crop_flip_normalize(img:torch.Tensor, # uint8 (3, H, W)
-                        crop:int,         # output size
-                        train:bool        # random crop + mirror, else centre crop
-                       ) -> torch.Tensor:
-    "Random (train) or centre crop of `img`, random mirror in training, then ImageNet normalisation."
-    _, h, w = img.shape
-    if train:
-        i, j = int(torch.randint(0, h - crop + 1, ())), int(torch.randint(0, w - crop + 1, ()))
-    else: i, j = (h - crop)//2, (w - crop)//2
-    x = img[:, i:i+crop, j:j+crop]
-    if train and bool(torch.rand(()) < 0.5): x = x.flip(-1)
-    return imagenet_normalize(x)
-
 # %% ../nbs/14_student.ipynb #64bd8131
 def crop_flip_normalize_batch(imgs:torch.Tensor, # uint8 (B, 3, H, W)
                               crop:int,          # output size
                               train:bool         # random crop + mirror per image, else centre crop
                              ) -> torch.Tensor:
-    "`crop_flip_normalize` of every image of a batch, with one normalisation for the batch (no per-image tensor ops)."
+    "Random (train) or centre crops of a batch, a random mirror per image in training, then one ImageNet normalisation."
     b, _, h, w = imgs.shape
     if not train:
         i, j = (h - crop)//2, (w - crop)//2
@@ -115,6 +102,13 @@ def crop_flip_normalize_batch(imgs:torch.Tensor, # uint8 (B, 3, H, W)
     flips = (torch.rand(b) < 0.5).tolist()
     crops = [im[:, i:i+crop, j:j+crop] for im, i, j in zip(imgs, ii, jj)]
     return imagenet_normalize(torch.stack([c.flip(-1) if f else c for c, f in zip(crops, flips)]))
+
+def crop_flip_normalize(img:torch.Tensor, # uint8 (3, H, W)
+                        crop:int,         # output size
+                        train:bool        # random crop + mirror, else centre crop
+                       ) -> torch.Tensor:
+    "Random (train) or centre crop of `img`, random mirror in training, then ImageNet normalisation: a batch of one."
+    return crop_flip_normalize_batch(img[None], crop, train)[0]
 
 # %% ../nbs/14_student.ipynb #9a57530c
 class ImageTensorDataset(torch.utils.data.Dataset):

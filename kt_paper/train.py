@@ -125,10 +125,12 @@ class ForeachOptimizer(Optimizer):
 
 def sgd(params, lr, mom:float=0., wd=0., decouple_wd:bool=True) -> ForeachOptimizer:
     "fastai's `SGD` (same arguments, state and update), stepped with foreach ops."
+    params = list(params)   # a generator would be used up by the first of the two optimisers below
     return ForeachOptimizer(params, _fastai_sgd(params, lr, mom, wd, decouple_wd).cbs, 'sgd', decouple_wd, lr=lr, mom=mom, wd=wd)
 
 def adam(params, lr, mom:float=0.9, sqr_mom:float=0.99, eps:float=1e-5, wd=0.01, decouple_wd:bool=True) -> ForeachOptimizer:
     "fastai's `Adam` (same arguments, state and update), stepped with foreach ops."
+    params = list(params)
     return ForeachOptimizer(params, _fastai_adam(params, lr, mom, sqr_mom, eps, wd, decouple_wd).cbs, 'adam', decouple_wd,
                             lr=lr, mom=mom, sqr_mom=sqr_mom, eps=eps, wd=wd)
 
