@@ -149,6 +149,20 @@ def test_run_probes_caches_by_checkpoint_content(tmp_path):
     assert n_files() == 3                                            # the changed model was probed again
 
 
+def test_run_probes_can_leave_the_ablation_students_out(tmp_path):
+    "`ablation_students=False` (the medium preset) probes the paper's rows only and reports the k / domain students as skipped."
+    import shutil
+    from kt_paper.probes import run_probes, demo_students
+    sd = demo_students(tmp_path, 'test', seed=0, probe_sets='scenes')
+    for n in ('cc_jigsaw_k10', 'cc_jigsaw_scenes-objects'): shutil.copytree(sd/'random', sd/n)
+    r = run_probes(tmp_path, 'test', seed=0, device='cpu', probe_sets='scenes', student_dir=sd, quiet=True,
+                   ablation_students=False)
+    assert set(r['linear']['scenes']) == {'random', 'supervised'}
+    assert set(r['skipped']) == {'cc_jigsaw_k10', 'cc_jigsaw_scenes-objects'} and 'VOC07' in r['skipped']['cc_jigsaw_k10']
+    r = run_probes(tmp_path, 'test', seed=0, device='cpu', probe_sets='scenes', student_dir=sd, quiet=True)   # default: all
+    assert set(r['linear']['scenes']) == {'random', 'supervised', 'cc_jigsaw_k10', 'cc_jigsaw_scenes-objects'}
+
+
 def test_seed_spread_trains_the_key_rows_again_and_writes_the_noise(tmp_path):
     """A second seed of the key rows on the same clusters: only those rows, new weights, and noise.json = the largest
     difference between the two seeds' linear-probe cells, which the claims scoreboard then reads."""
