@@ -45,7 +45,9 @@ TEACHER_PRESETS = {
     'test':  TeacherConfig(image_size=48, hog_size=32, hog_cell=8, batch_size=16, dtype='float32', flush_every=1),
     'tiny':  TeacherConfig(image_size=64, hog_size=64, hog_cell=8, batch_size=64, dtype='float32'),
     'small': TeacherConfig(image_size=128, hog_size=64, hog_cell=8, batch_size=128, dtype='float32'),
-    'medium': TeacherConfig(image_size=64, layer='conv5', pool='grid', pool_grid=2, hog_size=64, hog_cell=8, batch_size=256, dtype='float32'),
+    # conv3, not the reference's conv5: at medium the Jigsaw++ teacher's conv3 clusters (NMI 0.138 vs 0.105 at conv5) made a
+    # CC student 2.0-2.5 points better on frozen conv3-5 (see figures/README); every CNN teacher is clustered at the same layer
+    'medium': TeacherConfig(image_size=64, layer='conv3', pool='grid', pool_grid=2, hog_size=64, hog_cell=8, batch_size=256, dtype='float32'),
     'paper': TeacherConfig(),
 }
 
