@@ -13,7 +13,7 @@ import torch
 __all__ = ['PRESET_NAMES', 'in_test', 'preset_name', 'pick_preset', 'seed_everything', 'get_device', 'cpu_has_bf16',
            'default_num_workers', 'atomic_path', 'save_json', 'load_json', 'save_array', 'save_checkpoint',
            'load_checkpoint', 'fingerprint', 'project_root', 'resolve_out_dir', 'cache_dir', 'environment_info',
-           'pin_mmap_threshold', 'progress', 'format_progress', 'show_doc']
+           'pin_mmap_threshold', 'hold_freed_memory', 'progress', 'format_progress', 'show_doc']
 
 # %% ../nbs/00_core.ipynb #16f4d2db
 PRESET_NAMES = ('test', 'tiny', 'small', 'medium', 'paper')
@@ -199,6 +199,30 @@ def pin_mmap_threshold(nbytes:int=128*1024 # allocations at least this large get
     except (AttributeError, OSError, TypeError): return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, nbytes))
+
+# %% ../nbs/00_core.ipynb #bfebaf00
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4   # glibc's `mallopt` parameter numbers (malloc.h)
+_GLIBC_DEFAULTS = {_M_MMAP_MAX: 65536, _M_TRIM_THRESHOLD: 128*1024}
+_held = []
+
+def _mallopt(param:int, value:int) -> bool:
+    import ctypes
+    try: f = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError, TypeError): return False
+    f.argtypes, f.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return bool(f(param, value))
+
+def _glibc_defaults():
+    for k, v in _GLIBC_DEFAULTS.items(): _mallopt(k, v)
+
+def hold_freed_memory() -> bool:
+    "Serve large allocations from the heap and keep freed memory (glibc), in this process only; False without glibc or with `$KT_PAPER_MALLOC=system`."
+    if os.environ.get('KT_PAPER_MALLOC', '') == 'system': return False
+    if _held: return True
+    if not (_mallopt(_M_MMAP_MAX, 0) and _mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)): return False
+    if hasattr(os, 'register_at_fork'): os.register_at_fork(after_in_child=_glibc_defaults)   # workers: glibc's defaults
+    _held.append(True)
+    return True
 
 # %% ../nbs/00_core.ipynb #1fee0193
 def progress(what:str,        # the job: a model, a teacher's features, ...

@@ -16,7 +16,7 @@ from fastai.callback.schedule import combined_cos
 from fastai.callback.progress import CSVLogger
 from fastcore.foundation import L
 from fastcore.basics import patch
-from .core import (cpu_has_bf16, seed_everything, save_checkpoint, load_checkpoint, save_json, load_json,
+from .core import (cpu_has_bf16, hold_freed_memory, seed_everything, save_checkpoint, load_checkpoint, save_json, load_json,
                            atomic_path, in_test, progress)
 from .distributed import world_info
 
@@ -275,6 +275,7 @@ def fit(learn:Learner,                 # the model, data, loss and optimiser
         **kwargs                       # passed to `Learner.fit` (lr, wd)
        ) -> int:
     "Train `learn` for `n_epoch` epochs with the precision policy, checkpoints, resume, history and progress reports; return the start epoch."
+    hold_freed_memory()   # the same buffers every step: reuse them, no page faults (`core.hold_freed_memory`)
     cbs, start = [PrecisionCallback(precision)] + list(cbs or []), 0
     if main: cbs.append(ProgressEvents(name or (Path(folder).name if folder is not None else type(getattr(learn.model, 'module', learn.model)).__name__)))
     if folder is not None:
