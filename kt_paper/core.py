@@ -190,6 +190,7 @@ def environment_info() -> dict:
 
 # %% ../nbs/00_core.ipynb #19ca5de6
 _M_MMAP_THRESHOLD = -3  # glibc's `mallopt` parameter number (malloc.h)
+_held, _fork_hook = [], []   # `hold_freed_memory` is on; its fork handler is registered
 
 def pin_mmap_threshold(nbytes:int=128*1024 # allocations at least this large get their own mapping (glibc's initial default)
                       ) -> bool:
@@ -198,12 +199,12 @@ def pin_mmap_threshold(nbytes:int=128*1024 # allocations at least this large get
     try: mallopt = ctypes.CDLL(None).mallopt
     except (AttributeError, OSError, TypeError): return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    mallopt(-4, 65536); _held.clear()   # M_MMAP_MAX back to glibc's default: a `hold_freed_memory` before this is undone
     return bool(mallopt(_M_MMAP_THRESHOLD, nbytes))
 
 # %% ../nbs/00_core.ipynb #bfebaf00
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4   # glibc's `mallopt` parameter numbers (malloc.h)
 _GLIBC_DEFAULTS = {_M_MMAP_MAX: 65536, _M_TRIM_THRESHOLD: 128*1024}
-_held = []
 
 def _mallopt(param:int, value:int) -> bool:
     import ctypes
@@ -220,7 +221,8 @@ def hold_freed_memory() -> bool:
     if os.environ.get('KT_PAPER_MALLOC', '') == 'system': return False
     if _held: return True
     if not (_mallopt(_M_MMAP_MAX, 0) and _mallopt(_M_TRIM_THRESHOLD, 2**31 - 1)): return False
-    if hasattr(os, 'register_at_fork'): os.register_at_fork(after_in_child=_glibc_defaults)   # workers: glibc's defaults
+    if hasattr(os, 'register_at_fork') and not _fork_hook:   # workers: glibc's defaults
+        os.register_at_fork(after_in_child=_glibc_defaults); _fork_hook.append(True)
     _held.append(True)
     return True
 
