@@ -189,21 +189,7 @@ def environment_info() -> dict:
     return info
 
 # %% ../nbs/00_core.ipynb #19ca5de6
-_M_MMAP_THRESHOLD = -3  # glibc's `mallopt` parameter number (malloc.h)
-_held, _fork_hook = [], []   # `hold_freed_memory` is on; its fork handler is registered
-
-def pin_mmap_threshold(nbytes:int=128*1024 # allocations at least this large get their own mapping (glibc's initial default)
-                      ) -> bool:
-    "Fix glibc's mmap threshold: big freed buffers go back to the OS instead of growing the heap; False without glibc."
-    import ctypes
-    try: mallopt = ctypes.CDLL(None).mallopt
-    except (AttributeError, OSError, TypeError): return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    mallopt(-4, 65536); _held.clear()   # M_MMAP_MAX back to glibc's default: a `hold_freed_memory` before this is undone
-    return bool(mallopt(_M_MMAP_THRESHOLD, nbytes))
-
-# %% ../nbs/00_core.ipynb #bfebaf00
-_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4   # glibc's `mallopt` parameter numbers (malloc.h)
+_M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD, _M_MMAP_MAX = -3, -1, -4  # glibc's `mallopt` parameter numbers (malloc.h)
 _GLIBC_DEFAULTS = {_M_MMAP_MAX: 65536, _M_TRIM_THRESHOLD: 128*1024}
 
 def _mallopt(param:int, value:int) -> bool:
@@ -213,6 +199,15 @@ def _mallopt(param:int, value:int) -> bool:
     f.argtypes, f.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(f(param, value))
 
+_held, _fork_hook = [], []   # `hold_freed_memory` is on; its fork handler is registered
+
+def pin_mmap_threshold(nbytes:int=128*1024 # allocations at least this large get their own mapping (glibc's initial default)
+                      ) -> bool:
+    "Fix glibc's mmap threshold: big freed buffers go back to the OS instead of growing the heap; False without glibc."
+    _mallopt(_M_MMAP_MAX, _GLIBC_DEFAULTS[_M_MMAP_MAX]); _held.clear()   # a `hold_freed_memory` before this is undone
+    return _mallopt(_M_MMAP_THRESHOLD, nbytes)
+
+# %% ../nbs/00_core.ipynb #bfebaf00
 def _glibc_defaults():
     for k, v in _GLIBC_DEFAULTS.items(): _mallopt(k, v)
 
