@@ -11,9 +11,9 @@ import torch
 
 # %% auto #0
 __all__ = ['PRESET_NAMES', 'in_test', 'preset_name', 'pick_preset', 'seed_everything', 'get_device', 'cpu_has_bf16',
-           'default_num_workers', 'atomic_path', 'save_json', 'load_json', 'save_array', 'save_checkpoint',
-           'load_checkpoint', 'fingerprint', 'project_root', 'resolve_out_dir', 'cache_dir', 'environment_info',
-           'pin_mmap_threshold', 'hold_freed_memory', 'progress', 'format_progress', 'show_doc']
+           'usable_cores', 'default_num_workers', 'atomic_path', 'save_json', 'load_json', 'save_array',
+           'save_checkpoint', 'load_checkpoint', 'fingerprint', 'project_root', 'resolve_out_dir', 'cache_dir',
+           'environment_info', 'pin_mmap_threshold', 'hold_freed_memory', 'progress', 'format_progress', 'show_doc']
 
 # %% ../nbs/00_core.ipynb #16f4d2db
 PRESET_NAMES = ('test', 'tiny', 'small', 'medium', 'paper')
@@ -76,10 +76,14 @@ def cpu_has_bf16() -> bool:
     return os.environ.get('KT_PAPER_HIDE_BF16', '') in ('', '0') and _cpuinfo_has_bf16()
 
 # %% ../nbs/00_core.ipynb #ead0212e
+def usable_cores() -> int:
+    "CPU cores this process may run on (its affinity mask where the OS has one, e.g. under `taskset` or a container's cpuset)."
+    return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+
 def default_num_workers(max_workers:int=4) -> int:
     "DataLoader workers: 0 under test, else one per core up to `max_workers`, leaving the main process a core."
     if in_test(): return 0
-    n = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    n = usable_cores()
     return max(0, min(max_workers, n - 1)) if n > 2 else min(n, 2)
 
 # %% ../nbs/00_core.ipynb #ba21d02e
@@ -201,16 +205,23 @@ def _mallopt(param:int, value:int) -> bool:
 
 _held, _fork_hook = [], []   # `hold_freed_memory` is on; its fork handler is registered
 
+def _glibc_defaults():   # also in forked children: their parent's held heap is shared copy-on-write, nothing to trim
+    for k, v in _GLIBC_DEFAULTS.items(): _mallopt(k, v)
+
+def _release_held():   # glibc's defaults again, and the heap's held free memory back to the OS
+    import ctypes
+    _glibc_defaults()
+    try: ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError): pass
+    _held.clear()
+
 def pin_mmap_threshold(nbytes:int=128*1024 # allocations at least this large get their own mapping (glibc's initial default)
                       ) -> bool:
     "Fix glibc's mmap threshold: big freed buffers go back to the OS instead of growing the heap; False without glibc."
-    _mallopt(_M_MMAP_MAX, _GLIBC_DEFAULTS[_M_MMAP_MAX]); _held.clear()   # a `hold_freed_memory` before this is undone
+    if _held: _release_held()   # a `hold_freed_memory` before this (a fit in the same process) is undone
     return _mallopt(_M_MMAP_THRESHOLD, nbytes)
 
 # %% ../nbs/00_core.ipynb #bfebaf00
-def _glibc_defaults():
-    for k, v in _GLIBC_DEFAULTS.items(): _mallopt(k, v)
-
 def hold_freed_memory() -> bool:
     "Serve large allocations from the heap and keep freed memory (glibc), in this process only; False without glibc or with `$KT_PAPER_MALLOC=system`."
     if os.environ.get('KT_PAPER_MALLOC', '') == 'system': return False

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 from PIL import Image
-from .core import atomic_path, save_json
+from .core import atomic_path, save_json, usable_cores
 from .data import IMG_EXTS, DataError, ImageReadError, load_rgb
 
 # %% auto #0
@@ -107,7 +107,7 @@ def resize_copy(src:str|Path,          # a dataset folder (class folders, Tiny-I
                 dst:str|Path,          # where the copy goes (made if missing; resumed if partly there)
                 short_side:int=256,    # images' shorter side in the copy, at most (256: the paper's LMDB)
                 quality:int=90,        # JPEG quality of the resized images
-                workers:int|None=None, # processes (None: every CPU; 0: this process)
+                workers:int|None=None, # processes (None: every usable core; 0: this process)
                 on_error:str='raise'   # 'raise' on the first unreadable image, or 'skip' it (listed in the manifest)
                ) -> dict:
     "Copy the tree `src` to `dst` with every image at most `short_side` px on its shorter side; return the manifest."
@@ -121,7 +121,7 @@ def resize_copy(src:str|Path,          # a dataset folder (class folders, Tiny-I
     jobs = [(f, dst/f.relative_to(src), str(f.relative_to(src)), short_side, quality)
             for f in sorted(src.rglob('*')) if f.is_file() and not f.name.startswith('.')]
     counts, failed = dict(resized=0, copied=0, kept=0, failed=0), []
-    workers = os.cpu_count() if workers is None else workers
+    workers = usable_cores() if workers is None else workers
     pool = mp.get_context('spawn').Pool(workers) if workers > 0 and len(jobs) > 1 else None
     try:
         from kt_paper.images import _copy_one as one   # the importable function, also when this cell runs in a notebook

@@ -4,7 +4,7 @@
 
 # %% ../nbs/10_jigsaw.ipynb #e14c31b5
 from __future__ import annotations
-import dataclasses, functools, math, os, time
+import dataclasses, functools, math, time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -17,7 +17,7 @@ from .images import resize_centre_crop
 from .nets import JigsawNet, build_cfn
 from .permutations import load_permutations, save_permutations, permutation_set
 from .train import fit, step_lr, one_cycle, one_cycle_mom, checkpoint_state, precision_policy, process_batch_size, digest, image_ids
-from .core import (pick_preset, seed_everything, get_device, default_num_workers, fingerprint, save_checkpoint, load_checkpoint, pin_mmap_threshold)
+from .core import (pick_preset, seed_everything, get_device, default_num_workers, usable_cores, fingerprint, save_checkpoint, load_checkpoint, pin_mmap_threshold)
 
 # %% auto #0
 __all__ = ['COLOUR_POLICIES', 'JIGSAW_PRESETS', 'COLOUR_PROJECTION', 'PRETEXT_VARIANTS', 'PLAIN_JIGSAW_PAPER', 'PRESET_VARIANTS',
@@ -94,7 +94,7 @@ JIGSAW_PRESETS = {
                           bn=True, conv1_kernel=5, conv1_stride=2, conv1_pad=2, init='torch', ceil_mode=False, tile_scale=1., bs=64,
                           iterations=1_500, opt='adam', lr=3e-3, wd=1e-4, schedule='one_cycle'),
     # 64-px Tiny-ImageNet images upsampled to 96: 3x3 cells of 32 px, 27-px tiles (Caffe pooling is needed at that size),
-    # half-width BN trunk, AdamW one-cycle; 1,950 steps of 128 = 5 epochs of the 50k images = 250k puzzles, about 16 min on
+    # half-width BN trunk, AdamW one-cycle; 1,950 steps of 128 = 5 epochs of the 50k images = 250k puzzles, 15.5 min (927 s) on
     # a 2-core EPYC with bf16 units (2,000 steps rounded up to 6 epochs before: 2,340 steps, 23.5 min with DataLoader workers)
     'medium': JigsawConfig(resize=96, crop=96, cell=32, tile=27, jitter=3, chan_jitter=2, n_perms=100, width=0.5, bn=True,
                            conv1_kernel=5, conv1_stride=2, conv1_pad=2, init='torch', ceil_mode=True, tile_scale=1., bs=128,
@@ -332,7 +332,7 @@ def load_jigsaw_net(path:str|Path, map_location='cpu') -> JigsawNet:
 def puzzle_workers(cfg:JigsawConfig, cores:int|None=None) -> int:
     "DataLoader workers of the pretext stage: `cfg.num_workers`, else none for preloaded crops on <= 2 cores, else `default_num_workers()`."
     if cfg.num_workers is not None: return cfg.num_workers
-    if cores is None: cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    if cores is None: cores = usable_cores()
     return 0 if cfg.preload and cores <= 2 else default_num_workers()
 
 # %% ../nbs/10_jigsaw.ipynb #1d355f2a
