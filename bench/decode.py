@@ -7,7 +7,8 @@ resizes it to 256 px on its shorter side (what every paper-scale stage does firs
   full       `data.load_rgb(p)` + resize
   draft      `data.load_rgb(p, min_side=256)` + resize (JPEG draft mode: DCT scaling by 1/2, 1/4, 1/8)
   resized    `data.load_rgb` of the `kt-paper resize` copy (`images.resize_file`, 256 px), + resize (a no-op)
-  tv-cpu     `torchvision.io.decode_jpeg` on the CPU (+ resize with torch), and tv-cuda on the GPU when there is one.
+  tv-cpu     `images.decode_resize_crop` (torchvision's `decode_jpeg` + antialiased resize and 256-px centre crop) on the CPU,
+             and tv-cuda (nvJPEG) on the GPU when there is one: the pretext stage's `decode_on='device'` path.
 Prints images/s and the ratio to the reference, then `draft_speedup_2x: X` and `resized_speedup_2x: Y` last
 (the two fast paths against the full decode on the 2x photos).
 
@@ -21,11 +22,9 @@ def main():
     ap.add_argument('--data', default=str(Path(__file__).resolve().parents[1].parent/'shared'/'data'/'voc2007-mini'))
     a = ap.parse_args()
     import torch, torchvision
-    from torchvision.io import decode_jpeg, read_file
-    import torch.nn.functional as F
     from PIL import Image
     from kt_paper.data import load_rgb
-    from kt_paper.images import resize_file
+    from kt_paper.images import resize_file, read_image_bytes, decode_resize_crop
     torch.set_num_threads(1)
     srcs = sorted(Path(a.data).rglob('*.jpg'))[:a.n]
     if not srcs: raise SystemExit(f"no JPEGs under {a.data}")
@@ -33,9 +32,8 @@ def main():
           f"torchvision {torchvision.__version__}, cuda {torch.cuda.is_available()}; {len(srcs)} photos from {a.data}")
     def short256(im):
         s = 256 / min(im.size); return im.resize((max(256, round(im.size[0]*s)), max(256, round(im.size[1]*s))), Image.BILINEAR)
-    def tv(p, dev):
-        x = decode_jpeg(read_file(str(p)), device=dev).float()[None]; h, w = x.shape[2:]; s = 256 / min(h, w)
-        return F.interpolate(x, size=(max(256, round(h*s)), max(256, round(w*s))), mode='bilinear', antialias=True)
+    def tv(p, dev):   # the library's device path (`images.read_image_bytes` + `decode_resize_crop`), one image at a time
+        blob, o = read_image_bytes(p); return decode_resize_crop([blob], [o], 256, device=dev)
     res = {}
     with tempfile.TemporaryDirectory() as d:
         d = Path(d); big, small = [], {}

@@ -6,6 +6,7 @@
 from __future__ import annotations
 import os, shutil
 from pathlib import Path
+from typing import Sequence
 import numpy as np
 import torch
 from torch import nn
@@ -14,8 +15,8 @@ from .core import atomic_path, save_json, usable_cores
 from .data import IMG_EXTS, DataError, ImageReadError, load_rgb
 
 # %% auto #0
-__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'INPUT_NORMS', 'imagenet_normalize', 'resize_centre_crop', 'InputNorm', 'resize_file',
-           'resize_copy']
+__all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'INPUT_NORMS', 'EXIF_ORIENTATION', 'imagenet_normalize', 'resize_centre_crop',
+           'InputNorm', 'read_image_bytes', 'orient', 'decode_resize_crop', 'resize_file', 'resize_copy']
 
 # %% ../nbs/05_images.ipynb #4b1bf7e2
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -66,6 +67,75 @@ class InputNorm(nn.Module):
         mu, sd = raw.mean((-3, -2, -1), keepdim=True), raw.std((-3, -2, -1), keepdim=True, unbiased=False)
         return (raw - mu)/(sd + self.eps)*self.scale
     def extra_repr(self): return f"kind={self.kind!r}, scale={self.scale}"
+
+# %% ../nbs/05_images.ipynb #62c98187
+EXIF_ORIENTATION = 0x0112
+
+def read_image_bytes(path:str|Path) -> tuple[np.ndarray, int]:
+    "The bytes of image file `path` (a uint8 array) and its EXIF orientation (1: none); `ImageReadError` naming the file if it is unreadable."
+    path = Path(path)
+    try:
+        data = np.fromfile(path, np.uint8)   # writable: `torch.from_numpy` shares it without a copy
+        with Image.open(path) as im: orientation = int(im.getexif().get(EXIF_ORIENTATION, 1))   # reads the header only
+    except FileNotFoundError as e: raise ImageReadError(f"{path}: image file not found") from e
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, EOFError) as e:
+        raise ImageReadError(f"{path}: cannot read image ({type(e).__name__}: {e})") from e
+    return data, orientation
+
+# %% ../nbs/05_images.ipynb #fb3a1819
+def orient(x:torch.Tensor, orientation:int) -> torch.Tensor:
+    "`(C, H, W)` image `x` turned upright according to EXIF `orientation` (1-8; anything else leaves it as it is)."
+    h, w = -2, -1
+    if orientation == 2: return x.flip(w)
+    if orientation == 3: return x.flip(h, w)
+    if orientation == 4: return x.flip(h)
+    if orientation == 5: return x.transpose(h, w)
+    if orientation == 6: return torch.rot90(x, -1, (h, w))
+    if orientation == 7: return x.transpose(h, w).flip(h, w)
+    if orientation == 8: return torch.rot90(x, 1, (h, w))
+    return x
+
+# %% ../nbs/05_images.ipynb #38a607ab
+def _decode(blobs:list, device, names:list) -> list:
+    "Decode `blobs` (uint8 arrays of encoded images) to `(3, H, W)` uint8 tensors on `device`: JPEGs in one batched call, the rest (and JPEGs the device decoder refuses) on the CPU."
+    import warnings
+    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+    ts = [torch.from_numpy(np.asarray(b)) for b in blobs]
+    jpeg = [i for i, b in enumerate(blobs) if len(b) > 2 and b[0] == 0xFF and b[1] == 0xD8]
+    out = [None]*len(ts)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', UserWarning)   # torchvision 0.29 flags its decoders as deprecated in favour of TorchCodec
+        try:
+            if jpeg:
+                for i, x in zip(jpeg, decode_jpeg([ts[i] for i in jpeg], mode=ImageReadMode.RGB, device=device)): out[i] = x
+        except RuntimeError: pass                        # one bad file fails the batch: decode the others one by one below
+        for i, x in enumerate(out):
+            if x is not None: continue
+            try: out[i] = decode_image(ts[i], mode=ImageReadMode.RGB).to(device)
+            except RuntimeError as e: raise ImageReadError(f"{names[i]}: cannot decode image ({e})") from e
+    return out
+
+# %% ../nbs/05_images.ipynb #c3d3b24e
+def decode_resize_crop(blobs:list,              # encoded images: uint8 arrays (as `read_image_bytes` returns)
+                       orientations:Sequence[int], # their EXIF orientations
+                       short:int,               # the short side after resizing
+                       crop:int|None=None,      # the side of the central square (default `short`)
+                       device='cpu',            # where to decode and resize (nvJPEG on CUDA)
+                       names:Sequence|None=None # the files, for error messages
+                      ) -> torch.Tensor:
+    "`resize_centre_crop` of a batch of encoded images, on `device`: `(B, 3, crop, crop)` uint8."
+    import torch.nn.functional as F
+    crop, names = crop or short, list(names) if names is not None else [f'image {i}' for i in range(len(blobs))]
+    res = []
+    for x, o in zip(_decode(blobs, device, names), orientations):
+        x = orient(x, int(o)); h, w = x.shape[-2:]; s = short / min(h, w)
+        nh, nw = max(crop, round(h*s)), max(crop, round(w*s))
+        if (nh, nw) != (h, w):
+            x = F.interpolate(x[None].float(), size=(nh, nw), mode='bilinear', antialias=True, align_corners=False)[0]
+            x = x.round_().clamp_(0, 255).to(torch.uint8)
+        t, l = (nh - crop)//2, (nw - crop)//2
+        res.append(x[:, t:t+crop, l:l+crop])
+    return torch.stack(res)
 
 # %% ../nbs/05_images.ipynb #eef6fc44
 def resize_file(src:str|Path,        # an image file

@@ -22,10 +22,11 @@ from .core import (pick_preset, seed_everything, get_device, default_num_workers
 # %% auto #0
 __all__ = ['COLOUR_POLICIES', 'JIGSAW_PRESETS', 'COLOUR_PROJECTION', 'PRETEXT_VARIANTS', 'PLAIN_JIGSAW_PAPER', 'PRESET_VARIANTS',
            'JigsawConfig', 'sample_puzzles', 'assemble_puzzle', 'prepare_image', 'assemble_puzzles_torch',
-           'PuzzleDataset', 'CropDataset', 'DevicePuzzles', 'cfn_from_config', 'save_jigsaw_net', 'perms_path',
-           'load_jigsaw_net', 'puzzle_workers', 'jigsaw_dataloaders', 'SetEpoch', 'jigsaw_schedule', 'jigsaw_epochs',
-           'scale_bias_grads_', 'jigsaw_learner', 'train_jigsaw', 'config_permutations', 'run_pretext',
-           'variant_overrides', 'pretext_variants', 'draw_puzzle', 'figure3']
+           'PuzzleDataset', 'CropDataset', 'DevicePuzzles', 'BytesDataset', 'collate_bytes', 'DeviceDecode',
+           'puzzle_paths', 'cfn_from_config', 'save_jigsaw_net', 'perms_path', 'load_jigsaw_net', 'puzzle_workers',
+           'jigsaw_dataloaders', 'SetEpoch', 'jigsaw_schedule', 'jigsaw_epochs', 'scale_bias_grads_', 'jigsaw_learner',
+           'train_jigsaw', 'config_permutations', 'run_pretext', 'variant_overrides', 'pretext_variants', 'draw_puzzle',
+           'figure3']
 
 # %% ../nbs/10_jigsaw.ipynb #7ab92997
 @dataclass(frozen=True)
@@ -73,6 +74,10 @@ class JigsawConfig:
     preload:bool=True         # prepare and cache every crop before training (forked workers share the cache)
     draft_decode:bool=False   # decode JPEGs in draft mode at >= `resize` px (`data.load_rgb(min_side=)`): 2-3x faster on
                               # full-size photos, slightly softer; off by default (the paper decoded its 256-px LMDB in full)
+    puzzles_on:str='auto'     # where puzzles are cut: 'loader' (each one in the DataLoader workers), 'device' (loaders deliver
+                              # crops, `DevicePuzzles` cuts a whole batch on the training device), 'auto': 'device' on CUDA
+    decode_on:str='loader'    # where images are decoded: 'loader' (PIL in the workers) or 'device' (workers read bytes,
+                              # `images.decode_resize_crop` decodes the batch there: nvJPEG on CUDA); needs puzzles_on != 'loader', preload=False
     perms_file:str|None=None  # a released permutation set (`.npy` 0-based, or the authors' Caffe `.bin`) instead of generating one
 
     def __post_init__(self):
@@ -81,6 +86,10 @@ class JigsawConfig:
             raise ValueError(f"tile+jitter+chan_jitter = {self.tile+self.jitter+self.chan_jitter} > cell = {self.cell}")
         if self.colour not in COLOUR_POLICIES: raise ValueError(f"colour must be one of {COLOUR_POLICIES}")
         if self.max_occluders > self.grid**2: raise ValueError("more occluders than tiles")
+        if self.puzzles_on not in ('auto', 'loader', 'device'): raise ValueError(f"puzzles_on must be 'auto', 'loader' or 'device', not {self.puzzles_on!r}")
+        if self.decode_on not in ('loader', 'device'): raise ValueError(f"decode_on must be 'loader' or 'device', not {self.decode_on!r}")
+        if self.decode_on == 'device' and (self.puzzles_on == 'loader' or self.preload):
+            raise ValueError("decode_on='device' needs puzzles_on='device' (or 'auto') and preload=False")
 
     @property
     def n_tiles(self): return self.grid**2
@@ -301,6 +310,37 @@ class DevicePuzzles(Callback):
         x = assemble_puzzles_torch(imgs, torch.arange(B), other, p, self.cfg)
         self.learn.xb, self.learn.yb = (x,), (torch.as_tensor(p['label'], device=x.device),)
 
+# %% ../nbs/10_jigsaw.ipynb #1dbab1e4
+from .images import read_image_bytes, decode_resize_crop
+
+class BytesDataset(PuzzleDataset):
+    "Items are `(encoded bytes (uint8 array), EXIF orientation, index)` of image files: decoded later, batched on the device."
+    def __getitem__(self, i:int): return (*read_image_bytes(self.items[i]), i)
+
+def collate_bytes(batch:list) -> tuple:
+    "Batch `BytesDataset` items: `(list of byte arrays, orientations, indices)`."
+    blobs, ors, idx = zip(*batch)
+    return list(blobs), torch.tensor(ors), torch.tensor(idx)
+
+# %% ../nbs/10_jigsaw.ipynb #a9fcebcb
+class DeviceDecode(Callback):
+    "Decode, orient, resize and crop a `BytesDataset` batch on the model's device (before `DevicePuzzles`)."
+    order = -6
+    def __init__(self, cfg:JigsawConfig): self.cfg = cfg
+    def before_batch(self):
+        blobs, ors = self.learn.xb
+        idx, dev = self.learn.yb[0], next(self.learn.model.parameters()).device
+        items = self.learn.dl.dataset.items
+        x = decode_resize_crop(blobs, ors.tolist(), self.cfg.resize, self.cfg.crop, dev, names=[items[i] for i in idx.tolist()])
+        self.learn.xb = (x,)
+
+# %% ../nbs/10_jigsaw.ipynb #7b0be868
+def puzzle_paths(cfg:JigsawConfig, device) -> tuple[str, str]:
+    "`(puzzles_on, decode_on)` of `cfg` on `device`, 'auto' resolved: puzzles cut on the device on CUDA, in the loader elsewhere."
+    on = cfg.puzzles_on if cfg.puzzles_on != 'auto' else ('device' if torch.device(device).type == 'cuda' else 'loader')
+    if cfg.decode_on == 'device' and on == 'loader': raise ValueError("decode_on='device' needs puzzles_on='device'")
+    return on, cfg.decode_on
+
 # %% ../nbs/10_jigsaw.ipynb #976f18f1
 def cfn_from_config(cfg:JigsawConfig, n_perms:int|None=None) -> JigsawNet:
     "`build_cfn` with the model settings of a `JigsawConfig`."
@@ -348,16 +388,19 @@ def jigsaw_dataloaders(train_items:Sequence,         # training images (paths, P
                        loader:Callable|None=None,    # path -> PIL image
                        seed:int=0,
                        num_workers:int|None=None,    # overrides `cfg.num_workers`
-                       bs:int|None=None              # puzzles per batch of this process (default `cfg.bs`)
+                       bs:int|None=None,             # puzzles per batch of this process (default `cfg.bs`)
+                       paths:tuple=('loader', 'loader') # `puzzle_paths`: where puzzles are cut and images decoded
                       ) -> DataLoaders:
-    "fastai `DataLoaders` of training puzzles (new each epoch) and fixed held-out puzzles."
+    "fastai `DataLoaders` of training puzzles (new each epoch) and fixed held-out puzzles (or crops / file bytes for the device paths)."
     # crops are kept only when every one is prepared up front (and shared by the forked workers): memory stays flat otherwise
-    tr = PuzzleDataset(train_items[:cfg.n_train], cfg, perms, loader, seed, cache=cfg.preload)
-    va = PuzzleDataset(valid_items[:cfg.n_valid], cfg, perms, loader, seed + 1, fixed=True, cache=cfg.preload)
+    ds = BytesDataset if paths[1] == 'device' else CropDataset if paths[0] == 'device' else PuzzleDataset
+    tr = ds(train_items[:cfg.n_train], cfg, perms, loader, seed, cache=cfg.preload)
+    va = ds(valid_items[:cfg.n_valid], cfg, perms, loader, seed + 1, fixed=True, cache=cfg.preload)
     if not cfg.preload: pin_mmap_threshold()   # decoded images freed at once go back to the OS (glibc), in the workers too
     if cfg.preload: tr.preload(); va.preload()
     nw = puzzle_workers(cfg) if num_workers is None else num_workers
-    kw = dict(num_workers=nw, persistent_workers=False, pin_memory=torch.cuda.is_available())
+    kw = dict(num_workers=nw, persistent_workers=False, pin_memory=torch.cuda.is_available(),
+              **(dict(collate_fn=collate_bytes) if paths[1] == 'device' else {}))
     g, bs = torch.Generator().manual_seed(seed), bs or cfg.bs
     tdl = torch.utils.data.DataLoader(tr, bs, shuffle=True, drop_last=len(tr) >= bs, generator=g, **kw)
     vdl = torch.utils.data.DataLoader(va, bs, shuffle=False, **kw)
@@ -448,14 +491,18 @@ def run_pretext(out:str,                 # run folder; the teacher goes to `<out
     valid_paths = ktdata.read_image_set(roots['imagenet'], 'val').paths
     seed_everything(seed)
     perms = config_permutations(cfg, seed)
-    fp = fingerprint(dataclasses.asdict(cfg), seed, digest(perms), digest(image_ids(train_paths[:cfg.n_train])),
+    cfg = dataclasses.replace(cfg, puzzles_on=(paths := puzzle_paths(cfg, get_device(device)))[0])
+    fp_cfg = {k: v for k, v in dataclasses.asdict(cfg).items() if not (k in ('puzzles_on', 'decode_on') and v == 'loader')}  # runs from before the switches match
+    fp = fingerprint(fp_cfg, seed, digest(perms), digest(image_ids(train_paths[:cfg.n_train])),
                      digest(image_ids(valid_paths[:cfg.n_valid])))
     if not resume and main and checkpoint_state(od): (od/'last_state.json').unlink()   # a fresh run: forget the old one
     if world > 1: dist.barrier()
     loader = functools.partial(ktdata.load_rgb, min_side=cfg.resize) if cfg.draft_decode else ktdata.load_rgb
     dls = jigsaw_dataloaders(train_paths, valid_paths, cfg, perms, loader=loader, seed=seed,
-                             bs=process_batch_size(cfg.bs, world))
+                             bs=process_batch_size(cfg.bs, world), paths=paths)
     learn = jigsaw_learner(dls, cfn_from_config(cfg), cfg, path=od, device=device)
+    if paths[1] == 'device': learn.add_cb(DeviceDecode(cfg))
+    if paths[0] == 'device': learn.add_cb(DevicePuzzles(cfg, perms, seed))
     if world > 1: learn.add_cb(DistributedCallback(seed=seed))
     t0 = time.time()
     resumed_from = train_jigsaw(learn, cfg, od, fp, main=main)
@@ -465,6 +512,7 @@ def run_pretext(out:str,                 # run folder; the teacher goes to `<out
                    heldout_loss=float(loss), wall_s=round(wall, 1), resumed_from_epoch=resumed_from, processes=world,
                    batch_per_process=dls.train.batch_size, steps_this_run=steps,
                    precision=precision_policy(next(learn.model.parameters()).device).name, fingerprint=fp,
+                   puzzles_on=paths[0], decode_on=paths[1],
                    n_train=len(dls.train.dataset), n_valid=len(dls.valid.dataset), seed=seed)
     if main:
         save_jigsaw_net(learn.model, od/'jigsaw_cfn.pth', perms)

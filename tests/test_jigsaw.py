@@ -249,6 +249,41 @@ def test_device_puzzles_callback_trains(tmp_path):
     for shape, dtype, ymax in seen:
         assert shape == (4, 9, 3, TEST.tile, TEST.tile) and dtype == torch.float32 and ymax < len(perms)
 
+def test_device_decode_feeds_device_puzzles(tmp_path):
+    "`BytesDataset` + `DeviceDecode` (here on the CPU) give `DevicePuzzles` the crops the PIL path makes, up to the resampling filter."
+    from fastai.data.core import DataLoaders
+    from fastai.callback.core import Callback
+    perms = make_permutations(TEST.n_perms, TEST.min_dist)
+    files = []
+    for i, a in enumerate(photos(8)):
+        Image.fromarray(a).save(tmp_path/f'{i}.jpg', quality=95); files.append(tmp_path/f'{i}.jpg')
+    cfg = dataclasses.replace(TEST, preload=False, puzzles_on='device', decode_on='device')
+    ds = BytesDataset(files, cfg, perms)
+    dls = DataLoaders(torch.utils.data.DataLoader(ds, 4, shuffle=True, collate_fn=collate_bytes),
+                      torch.utils.data.DataLoader(ds, 4, collate_fn=collate_bytes))
+    learn = jigsaw_learner(dls, cfn_from_config(cfg), cfg, path=tmp_path, device='cpu')
+    crops, seen = CropDataset(files, cfg, perms), []
+    class Crops(Callback):
+        order = -5.5   # between the decode and the puzzles
+        def before_batch(self):
+            for x, i in zip(self.learn.xb[0], self.learn.yb[0].tolist()):
+                seen.append((x.float() - torch.from_numpy(crops.image(i)).float()).abs().mean().item())
+    learn.add_cbs([DeviceDecode(cfg), Crops(), DevicePuzzles(cfg, perms)])
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
+    assert len(seen) == 16 and max(seen) < 2, seen             # 8 training + 8 validation images, each close to PIL's crop
+    (tmp_path/'3.jpg').write_bytes(b'broken')                  # a file that went bad: the error names it
+    with pytest.raises(Exception, match='3.jpg'), learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
+
+@pytest.mark.parametrize('decode_on', ['loader', 'device'])
+def test_pretext_stage_on_the_device_paths(tmp_path, monkeypatch, decode_on):
+    "run_pretext with puzzles cut by `DevicePuzzles` (and images decoded by `DeviceDecode`): trains, says so, and is another fingerprint than the loader path."
+    monkeypatch.setenv('IN_TEST', '1')
+    a = run_pretext(str(tmp_path/'a'), 'test', seed=0, device='cpu')
+    b = run_pretext(str(tmp_path/'b'), 'test', seed=0, device='cpu', puzzles_on='device', decode_on=decode_on, preload=decode_on == 'loader')
+    assert (a['puzzles_on'], a['decode_on']) == ('loader', 'loader') and (b['puzzles_on'], b['decode_on']) == ('device', decode_on)
+    assert b['steps_this_run'] > 0 and np.isfinite(b['heldout_loss']) and b['fingerprint'] != a['fingerprint']
+    assert load_jigsaw_net(tmp_path/'b'/'jigsaw'/'jigsaw_cfn.pth') is not None
+
 def test_step_schedule():
     f = jigsaw_schedule(JigsawConfig(), 350_000)["lr"]           # the paper's schedule, as a function of progress
     assert f(0) == 0.01 and f(99_999/350_000) == 0.01
