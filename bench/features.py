@@ -7,7 +7,7 @@ pipeline. Peak memory must not grow with the number of images: the summary print
 peak RSS to the smallest's, and the growth during extraction (peak minus the peak before it) at both sizes.
 
 A teacher name ending in `-unpinned` (e.g. `random-unpinned`) runs that teacher with `pin_mmap_threshold` disabled,
-the reference for what pinning glibc's mmap threshold changes (see `nbs/11_teachers.ipynb`).
+the reference for what pinning glibc's mmap threshold changes (see `nbs/12_teachers.ipynb`).
 
 Usage: python bench/features.py [--sizes 2000 20000] [--teachers hog random [random-unpinned]] [--preset tiny]
 """

@@ -83,7 +83,8 @@ def student_case(preset, steps, warmup):
 
 def pretext_case(preset, steps, warmup):
     from fastai.data.core import DataLoaders
-    from kt_paper.jigsaw import JIGSAW_PRESETS, cfn_from_config, jigsaw_learner
+    from kt_paper.jigsaw import JIGSAW_PRESETS
+    from kt_paper.pretext import cfn_from_config, jigsaw_learner
     from kt_paper.train import fit
     cfg = JIGSAW_PRESETS[preset]; n = cfg.bs*(steps + warmup)
     x = torch.randn(n, cfg.n_tiles, 3, cfg.tile, cfg.tile); y = torch.randint(0, cfg.n_perms, (n,))

@@ -18,7 +18,7 @@ def _toy_nb(path, body, params=PARAMS):
 def toy(tmp_path):
     "Three toy stages that record what reached them: `<out>/<stage>.json` holds OVERRIDES and TEACHERS."
     nbs = tmp_path/'nbs'; nbs.mkdir()
-    for nb, name in (('04_samples', 'data'), ('13_clustering', 'clustering'), ('14_student', 'student')):
+    for nb, name in (('04_samples', 'data'), ('14_clustering', 'clustering'), ('15_student', 'student')):
         _toy_nb(nbs/f'{nb}.ipynb', "import json, os\nfrom pathlib import Path\n"
                 f"Path(OUT_DIR, '{name}.json').write_text(json.dumps(dict(overrides=json.loads(OVERRIDES), teachers=TEACHERS, "
                 "imagenet=os.environ.get('KT_PAPER_DATA_IMAGENET'))))")
@@ -62,9 +62,9 @@ def test_bad_settings_are_usage_errors(toy, capsys, setting, message):
 def test_setting_a_stage_the_run_lacks_or_that_takes_no_overrides(toy, capsys):
     with pytest.raises(SystemExit): _cli(toy, '--set', 'jigsaw.iterations=3')
     assert "which this run does not have" in capsys.readouterr().err
-    _toy_nb(toy/'nbs'/'10_jigsaw.ipynb', 'x = 1', params="PRESET='tiny'; OUT_DIR=None")
+    _toy_nb(toy/'nbs'/'11_pretext.ipynb', 'x = 1', params="PRESET='tiny'; OUT_DIR=None")
     with pytest.raises(SystemExit): _cli(toy, '--set', 'jigsaw.iterations=3')
-    assert "10_jigsaw.ipynb takes no OVERRIDES parameter" in capsys.readouterr().err
+    assert "11_pretext.ipynb takes no OVERRIDES parameter" in capsys.readouterr().err
 
 def test_config_file_and_set_on_top(toy, capsys):
     cfg = toy/'run.toml'
@@ -131,7 +131,7 @@ def test_small_commands(capsys):
     assert '[transfer.cls]' in out and 'iters = 7  # changed' in out and '[student]' in out
 
 def test_log_output_streams_cell_output(toy, capsys):
-    _toy_nb(toy/'nbs'/'13_clustering.ipynb', "for i in range(2): print('progress', i, flush=True)")
+    _toy_nb(toy/'nbs'/'14_clustering.ipynb', "for i in range(2): print('progress', i, flush=True)")
     _cli(toy, '--only', 'clustering', '--log-output')
     _cli(toy, '--only', 'clustering', '--log-output', '--force')       # a second call adds no second handler
     out = capsys.readouterr().out
@@ -161,7 +161,7 @@ def test_a_stage_notebook_run_alone_builds_its_inputs(tmp_path):
     "The clustering notebook, run by papermill alone in an empty run folder (not by the driver), runs data, jigsaw and teachers first."
     import os, papermill as pm
     from kt_paper.reproduce import notebooks_dir, prepare_notebook
-    src = prepare_notebook(notebooks_dir()/'13_clustering.ipynb', tmp_path/'13_clustering.ipynb')
+    src = prepare_notebook(notebooks_dir()/'14_clustering.ipynb', tmp_path/'14_clustering.ipynb')
     env = {k: v for k, v in os.environ.items() if not k.startswith('KT_PAPER_DRIVER')}
     env.update(IN_TEST='1', KT_PAPER_STANDALONE='1', KT_PAPER_PRECISION='fp32', MPLBACKEND='agg')
     old = dict(os.environ); os.environ.clear(); os.environ.update(env)

@@ -41,14 +41,15 @@ def test_jigsaw_stage_under_ddp(tmp_path, monkeypatch):
     """The pretext stage runs in two gloo processes; rank 0 alone writes the teacher and its history. The configuration's
     batch is the global batch: each process takes half of it and the run takes the steps of one process."""
     monkeypatch.setenv('IN_TEST', '1')
-    m = launch('kt_paper.jigsaw:run_pretext', dict(out=str(tmp_path), preset='test', seed=0), nproc=2,
+    m = launch('kt_paper.pretext:run_pretext', dict(out=str(tmp_path), preset='test', seed=0), nproc=2,
                env=dict(OMP_NUM_THREADS='1', IN_TEST='1'))
     assert m['processes'] == 2 and 0 <= m['heldout_puzzle_acc'] <= 1
-    from kt_paper.jigsaw import JIGSAW_PRESETS, jigsaw_epochs
+    from kt_paper.jigsaw import JIGSAW_PRESETS
+    from kt_paper.pretext import jigsaw_epochs
     cfg = JIGSAW_PRESETS['test']
     epochs, steps = jigsaw_epochs(cfg, m['n_train'])
     assert m['batch_per_process'] == cfg.bs // 2 and m['steps_this_run'] == epochs*steps   # as one process of batch cfg.bs
-    from kt_paper.jigsaw import load_jigsaw_net
+    from kt_paper.pretext import load_jigsaw_net
     net = load_jigsaw_net(tmp_path/'jigsaw'/'jigsaw_cfn.pth')
     assert not any(k.startswith('module.') for k in net.state_dict())
     hist = (tmp_path/'jigsaw'/'history.csv').read_text().splitlines()

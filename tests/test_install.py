@@ -72,7 +72,7 @@ def test_wheel_ships_notebooks_and_cli(installed):
     where = _run([str(py), '-c', 'import kt_paper; print(kt_paper.__file__)'], cwd=d).stdout.strip()
     assert str(d) in where, f'kt_paper imported from {where}, not from the fresh environment'
     _run([str(py), '-c', 'from kt_paper.reproduce import main; main(["notebooks", "nbs"])'], cwd=d)
-    assert (d/'nbs'/'01_data.ipynb').exists() and (d/'nbs'/'24_reproduce.ipynb').exists()
+    assert (d/'nbs'/'01_data.ipynb').exists() and (d/'nbs'/'25_reproduce.ipynb').exists()
 
 def test_installed_reproduce_runs_outside_repo(installed):
     d, py = installed

@@ -1,10 +1,11 @@
-"Tests of kt_paper.jigsaw: permutation sets, puzzle sampling and assembly, datasets, CFN teachers, one training step."
+"Tests of kt_paper.jigsaw and kt_paper.pretext: permutation sets, puzzle sampling and assembly, datasets, CFN teachers, one training step."
 import dataclasses, warnings
 from pathlib import Path
 import numpy as np, pytest, torch
 from PIL import Image
 warnings.filterwarnings('ignore', category=FutureWarning)
 from kt_paper.jigsaw import *
+from kt_paper.pretext import *
 from kt_paper.permutations import *
 from kt_paper.jigsaw import _colour_normalise
 from kt_paper.nets import cut_at, build_cfn, JigsawNet, JigsawHead

@@ -22,13 +22,13 @@ def test_failed_stage_is_kept_and_run_resumes(tmp_path):
     nbs = tmp_path/'nbs'; nbs.mkdir()
     _toy_nb(nbs/'04_samples.ipynb', "from pathlib import Path\np = Path(OUT_DIR,'count.txt')\n"
             "p.write_text(str(int(p.read_text())+1 if p.exists() else 1))")
-    _toy_nb(nbs/'10_jigsaw.ipynb', "from pathlib import Path\nif not Path(OUT_DIR,'fixed').exists(): raise RuntimeError('boom')")
+    _toy_nb(nbs/'11_pretext.ipynb', "from pathlib import Path\nif not Path(OUT_DIR,'fixed').exists(): raise RuntimeError('boom')")
     with pytest.raises(Exception, match='boom'):
         reproduce('tiny', out=tmp_path/'run', fig_dir=tmp_path/'fig', nbs_path=nbs)
     m = load_json(tmp_path/'run'/'manifest.json')
     assert 'boom' in m['stages']['jigsaw']['failed']
-    assert (tmp_path/'run'/'notebooks'/'10_jigsaw.failed.ipynb').exists()
-    assert not (tmp_path/'run'/'notebooks'/'10_jigsaw.ipynb').exists()
+    assert (tmp_path/'run'/'notebooks'/'11_pretext.failed.ipynb').exists()
+    assert not (tmp_path/'run'/'notebooks'/'11_pretext.ipynb').exists()
     (tmp_path/'run'/'fixed').write_text('')
     m = reproduce('tiny', out=tmp_path/'run', fig_dir=tmp_path/'fig', nbs_path=nbs)
     assert m['stages']['data']['cached'] and not m['stages']['jigsaw']['cached']

@@ -58,9 +58,8 @@ def test_from_cfn_copies_convs():
     assert net.classifier.fc8.out_features == 7
 
 def test_from_real_cfn_paper_stride():
-    jig = pytest.importorskip('kt_paper.jigsaw')
-    try: cfn = jig.build_cfn('alexnet', n_perms=8)
-    except Exception as e: pytest.skip(f"kt_paper.nets.build_cfn unavailable: {e}")
+    from kt_paper.nets import build_cfn
+    cfn = build_cfn('alexnet', n_perms=8)
     net = alexnet_from_cfn(cfn, 10, input_size=227)
     assert net.features.conv1.conv.stride == (4, 4)           # the CFN's stride-2 conv1 becomes AlexNet's stride 4
     assert torch.equal(net.features.conv1.conv.weight, cfn.trunk.conv1[0].weight)
@@ -183,7 +182,8 @@ def test_reclustering_retrains_the_student(tmp_path):
 def test_cfn_models_see_inputs_at_their_training_scale():
     "A CFN trained on tiles x tile_scale=50 sees inputs of that scale when probed (linear probes) or fine-tuned (VOC)."
     from kt_paper.nets import build_cfn
-    from kt_paper.jigsaw import JIGSAW_PRESETS, cfn_from_config
+    from kt_paper.jigsaw import JIGSAW_PRESETS
+    from kt_paper.pretext import cfn_from_config
     from kt_paper.images import imagenet_normalize
     from kt_paper.probes import LinearProbes
     from kt_paper.finetune import conv_trunk

@@ -46,7 +46,7 @@ def test_layer_choice():
 
 def test_jigsaw_teacher_from_checkpoint(tmp_path):
     from kt_paper.nets import build_cfn
-    from kt_paper.jigsaw import save_jigsaw_net
+    from kt_paper.pretext import save_jigsaw_net
     torch.manual_seed(0); net = build_cfn(n_perms=8, init='torch', **SMALL)
     p = save_jigsaw_net(net, tmp_path/'j.pth')
     a, b = T.jigsaw_teacher(p, CFG), T.jigsaw_teacher(net, CFG)
@@ -154,12 +154,12 @@ def test_extraction_pins_threshold_same_output(images, tmp_path, monkeypatch):
 
 def _save_jigsaw(out, seed):
     from kt_paper.nets import build_cfn
-    from kt_paper.jigsaw import save_jigsaw_net
+    from kt_paper.pretext import save_jigsaw_net
     torch.manual_seed(seed)
     return save_jigsaw_net(build_cfn(n_perms=8, init='torch', **T.cfn_args('test')), out/'jigsaw'/'jigsaw_cfn.pth')
 
 def test_run_teachers_stage(tmp_path):
-    "run_teachers (test preset): every teacher's four feature files where 13_clustering reads them; reuse only on a fingerprint match."
+    "run_teachers (test preset): every teacher's four feature files where 14_clustering reads them; reuse only on a fingerprint match."
     _save_jigsaw(tmp_path, 0)
     run = lambda: T.run_teachers(tmp_path, 'test', seed=0, device='cpu', num_workers=0, supervised_epochs=1)
     r = run()
