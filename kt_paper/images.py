@@ -22,16 +22,19 @@ __all__ = ['IMAGENET_MEAN', 'IMAGENET_STD', 'INPUT_NORMS', 'EXIF_ORIENTATION', '
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-_STATS = {}   # device -> (mean, std) tensors: made once, not per image (this runs once per training image)
+_STATS = {}   # device -> (mean, std, 255 mean, 1/(255 std)) tensors: made once, not per image (this runs once per training batch)
 
 def _stats(device) -> tuple:
-    if device not in _STATS: _STATS[device] = tuple(torch.tensor(v).view(3, 1, 1).to(device) for v in (IMAGENET_MEAN, IMAGENET_STD))
+    if device not in _STATS:
+        m, s = (torch.tensor(v).view(3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+        _STATS[device] = tuple(t.to(device) for t in (m, s, 255*m, 1/(255*s)))
     return _STATS[device]
 
 def imagenet_normalize(x:torch.Tensor) -> torch.Tensor:
-    "uint8 (or [0, 255] float) images `(..., 3, H, W)` -> float, ImageNet-normalised per channel."
-    m, s = _stats(x.device)
-    return x.float().div_(255).sub_(m).div_(s) if x.dtype == torch.uint8 else (x.float()/255 - m)/s
+    "uint8 (or [0, 255] float) images `(..., 3, H, W)` -> float, ImageNet-normalised per channel: `(x/255 - mean)/std`."
+    m, r = _stats(x.device)[2:]
+    y = x.float()                                          # a copy for uint8; `x` itself when already float
+    return (y.sub_(m) if y is not x else y - m).mul_(r)    # two passes over the batch, not four
 
 # %% ../nbs/05_images.ipynb #9e9edf97
 def resize_centre_crop(img,        # a PIL image, or an `(H, W, 3)` / `(H, W)` uint8 array
@@ -62,7 +65,7 @@ class InputNorm(nn.Module):
         self.kind, self.scale, self.eps = kind, float(scale), eps
     def forward(self, x):
         if self.kind == 'imagenet': return x
-        m, s = _stats(x.device)
+        m, s = _stats(x.device)[:2]
         raw = x*s.to(x.dtype) + m.to(x.dtype)                                       # back to [0, 1] pixels
         mu, sd = raw.mean((-3, -2, -1), keepdim=True), raw.std((-3, -2, -1), keepdim=True, unbiased=False)
         return (raw - mu)/(sd + self.eps)*self.scale

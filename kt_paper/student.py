@@ -90,19 +90,24 @@ def decode_images(paths, resize:int) -> torch.Tensor:
     return torch.stack([decode_image(p, resize) for p in paths]) if len(paths) else torch.zeros(0, 3, resize, resize, dtype=torch.uint8)
 
 # %% ../nbs/15_student.ipynb #64bd8131
-def crop_flip_normalize_batch(imgs:torch.Tensor, # uint8 (B, 3, H, W)
+def crop_flip_normalize_batch(imgs:torch.Tensor, # uint8 (N, 3, H, W)
                               crop:int,          # output size
-                              train:bool         # random crop + mirror per image, else centre crop
+                              train:bool,        # random crop + mirror per image, else centre crop
+                              idx=None           # the images of the batch (indices into `imgs`; default: all of them)
                              ) -> torch.Tensor:
-    "Random (train) or centre crops of a batch, a random mirror per image in training, then one ImageNet normalisation."
-    b, _, h, w = imgs.shape
+    "Random (train) or centre crops of the images `idx` of `imgs`, a random mirror per image in training, then one ImageNet normalisation."
+    idx = list(range(len(imgs))) if idx is None else [int(i) for i in idx]
+    b, (h, w) = len(idx), imgs.shape[-2:]
     if not train:
         i, j = (h - crop)//2, (w - crop)//2
-        return imagenet_normalize(imgs[:, :, i:i+crop, j:j+crop])
+        return imagenet_normalize(imgs[torch.as_tensor(idx, dtype=torch.long), :, i:i+crop, j:j+crop])
     ii, jj = torch.randint(0, h - crop + 1, (b,)).tolist(), torch.randint(0, w - crop + 1, (b,)).tolist()
     flips = (torch.rand(b) < 0.5).tolist()
-    crops = [im[:, i:i+crop, j:j+crop] for im, i, j in zip(imgs, ii, jj)]
-    return imagenet_normalize(torch.stack([c.flip(-1) if f else c for c, f in zip(crops, flips)]))
+    out = torch.empty((b, imgs.shape[1], crop, crop), dtype=imgs.dtype)
+    for k, (n, i, j, f) in enumerate(zip(idx, ii, jj, flips)):   # each window copied once, straight from the store
+        c = imgs[n, :, i:i+crop, j:j+crop]
+        out[k] = c.flip(-1) if f else c
+    return imagenet_normalize(out)
 
 def crop_flip_normalize(img:torch.Tensor, # uint8 (3, H, W)
                         crop:int,         # output size
@@ -121,8 +126,7 @@ class ImageTensorDataset(torch.utils.data.Dataset):
     def __getitem__(self, i): return crop_flip_normalize(self.images[i], self.crop, self.train), self.labels[i]
     def __getitems__(self, idx:list) -> list:
         "A whole batch `[images, labels]` in one go (torch's batched fetch); its loader collates with `keep_batch`."
-        idx = torch.as_tensor(idx, dtype=torch.long)
-        return [crop_flip_normalize_batch(self.images[idx], self.crop, self.train), self.labels[idx]]
+        return [crop_flip_normalize_batch(self.images, self.crop, self.train, idx), self.labels[torch.as_tensor(idx, dtype=torch.long)]]
 
 def keep_batch(batch:list) -> tuple:
     "The collate function of loaders over `ImageTensorDataset`: its `__getitems__` already made the batch."

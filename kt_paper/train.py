@@ -23,7 +23,8 @@ from .distributed import world_info
 # %% auto #0
 __all__ = ['PRECISIONS', 'Precision', 'precision_policy', 'PrecisionCallback', 'to_channels_last_', 'autocast_for', 'step_lr',
            'one_cycle', 'one_cycle_mom', 'ForeachOptimizer', 'sgd', 'adam', 'EpochSeed', 'digest', 'image_ids',
-           'Checkpoint', 'History', 'checkpoint_state', 'resume', 'ProgressEvents', 'fit', 'process_batch_size']
+           'Checkpoint', 'History', 'checkpoint_state', 'resume', 'ProgressEvents', 'dispatch_to_listeners', 'fit',
+           'process_batch_size']
 
 # %% ../nbs/06_train.ipynb #a7829cdb
 PRECISIONS = ('auto', 'fp32', 'bf16', 'fp16')
@@ -262,6 +263,30 @@ class ProgressEvents(Callback):
         self.t_last = time.time()
         progress(self.what, self.epoch + 1, self.n_epoch, 'epoch', self._eta(), loss=self._loss())
 
+# %% ../nbs/06_train.ipynb #859a1e10
+from types import MethodType
+from fastai.callback.core import event, _inner_loop
+
+def _listens(cb:Callback, name:str) -> bool:
+    "Whether `cb` acts on event `name`: its class or itself defines the handler, or its class has its own `__call__`."
+    return name in vars(cb) or hasattr(type(cb), name) or type(cb).__call__ is not Callback.__call__
+
+def _call_listeners(self:Learner, event_name:str):
+    "`Learner._call_one`, with an inner-loop event sent only to the callbacks that listen to it (`_listens`)."
+    cbs = tuple(self.cbs)
+    hit = self._listeners.get(event_name)
+    if hit is None or hit[0] != cbs:   # new event, or callbacks added or removed since the list was made
+        if not hasattr(event, event_name): raise Exception(f'missing {event_name}')
+        ordered = sorted(cbs, key=lambda cb: cb.order)   # fastai's order (a stable sort)
+        hit = self._listeners[event_name] = (cbs, [cb for cb in ordered if event_name not in _inner_loop or _listens(cb, event_name)])
+    for cb in hit[1]: cb(event_name)
+
+def dispatch_to_listeners(learn:Learner) -> Learner:
+    "Make `learn` send each inner-loop event only to the callbacks with a handler for it (the same calls, in the same order)."
+    learn._listeners = {}
+    learn._call_one = MethodType(_call_listeners, learn)
+    return learn
+
 # %% ../nbs/06_train.ipynb #dcc1ed08
 def fit(learn:Learner,                 # the model, data, loss and optimiser
         n_epoch:int,                   # total epochs of the run
@@ -276,6 +301,7 @@ def fit(learn:Learner,                 # the model, data, loss and optimiser
        ) -> int:
     "Train `learn` for `n_epoch` epochs with the precision policy, checkpoints, resume, history and progress reports; return the start epoch."
     hold_freed_memory()   # the same buffers every step: reuse them, no page faults (`core.hold_freed_memory`)
+    dispatch_to_listeners(learn)   # no no-op callback calls inside the loop
     cbs, start = [PrecisionCallback(precision)] + list(cbs or []), 0
     if main: cbs.append(ProgressEvents(name or (Path(folder).name if folder is not None else type(getattr(learn.model, 'module', learn.model)).__name__)))
     if folder is not None:
