@@ -128,7 +128,7 @@ def transfer_case(preset, steps, warmup):
         learn = train_steps(copy.deepcopy(model), ClsDraws(x, y, cfg), cfg, masked_bce, 'cpu', quiet=True, cbs=[t], num_workers=0)
         return t.rate, learn.precision_used
     opt = lambda ps: torch.optim.SGD(ps, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd)   # L2 on every parameter, as the protocol
-    kt.same_draws = lambda: torch.utils.data.DataLoader(ClsDraws(x, y, cfg), cfg.bs)   # the bare loop with the protocol's per-image work
+    kt.same_draws = lambda: torch.utils.data.DataLoader(ClsDraws(x, y, cfg), cfg.bs, collate_fn=ClsDraws.collate_fn)   # the bare loop with the protocol's per-image work
     return 'VOC07 cls fine-tuning', kt, model, norm_batches(x, y, cfg.bs, cfg.crop), opt, masked_bce, cfg.clip   # its update clips the gradient norm
 
 def main():

@@ -28,8 +28,8 @@ from .train import EpochSeed, digest, fit, sgd, step_lr
 # %% auto #0
 __all__ = ['VOCImage', 'read_voc_split', 'class_labels', 'read_voc_seg_split', 'ImageStore', 'conv_trunk', 'trunk_channels',
            'student_fc_dim', 'epoch_plan', 'StepDraws', 'EpochSlice', 'DrawEpoch', 'step_learner', 'train_steps',
-           'loader_workers', 'final_loss', 'model_digest', 'voc_digest', 'resize_short', 'random_crop_flip',
-           'eval_layout', 'nonempty_split', 'run_seconds']
+           'loader_workers', 'final_loss', 'model_digest', 'voc_digest', 'resize_short', 'draw_crop',
+           'random_crop_flip', 'eval_layout', 'nonempty_split', 'run_seconds']
 
 # %% ../nbs/18_finetune.ipynb #13d8fb0d
 @dataclass(frozen=True)
@@ -115,10 +115,13 @@ class StepDraws(torch.utils.data.Dataset):
         if n_items < 1: raise ValueError("no training items to draw from")
         self.n_items, self.iters, self.bs, self.seed = n_items, iters, bs, seed
     def __len__(self): return self.iters * self.bs
-    def __getitem__(self, k:int):
+    def draw(self, k:int) -> tuple[int, torch.Generator]:
+        "Draw `k`: its item and the generator its augmentation draws from."
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + k)
-        return self.item(int(torch.randint(0, self.n_items, (1,), generator=g)), g)
+        return int(torch.randint(0, self.n_items, (1,), generator=g)), g
+    def __getitem__(self, k:int): return self.item(*self.draw(k))
     def item(self, i:int, g:torch.Generator): return i   # subclasses: the augmented example of item `i`
+    collate_fn = None   # how a loader makes batches of these draws (None: torch's default stacking)
 
 class EpochSlice(torch.utils.data.Sampler):
     "The draws of one epoch, in order: `per_epoch` consecutive indices from `epoch · per_epoch` (`epoch` set by `DrawEpoch`)."
@@ -140,14 +143,14 @@ def step_learner(net:nn.Module,         # the network to fine-tune
                  device='cpu',
                  seed:int=0,            # per-epoch reseeding (`train.EpochSeed`): dropout, torchvision's sampling
                  num_workers:int|None=None, # loader workers (None: `core.default_num_workers()`, 0 under test)
-                 collate_fn=None,       # batch maker (None: torch's default stacking)
+                 collate_fn=None,       # batch maker (None: the draws' own `collate_fn`, else torch's default stacking)
                  n_inp:int=1,           # how many leading batch elements go to the network
                  cbs=None               # extra callbacks
                 ) -> Learner:
     "A fastai `Learner` of `net` on `draws` in epochs of `steps_per_epoch` batches, with the protocol's SGD."
     device = get_device(device)
     nw = default_num_workers() if num_workers is None else num_workers
-    tdl = torch.utils.data.DataLoader(draws, cfg.bs, sampler=EpochSlice(steps_per_epoch * cfg.bs), collate_fn=collate_fn,
+    tdl = torch.utils.data.DataLoader(draws, cfg.bs, sampler=EpochSlice(steps_per_epoch * cfg.bs), collate_fn=collate_fn or getattr(draws, 'collate_fn', None),
                                       num_workers=nw, pin_memory=device.type == 'cuda',
                                       # workers' seeds from its own generator, not the global one (dropout's); workers
                                       # not persistent: ones left to the garbage collector stalled the next run for seconds
@@ -205,19 +208,22 @@ def resize_short(img:torch.Tensor, short:int, mode='bilinear') -> torch.Tensor:
     if img.dtype == torch.uint8: return TF.resize(img, size, antialias=True)   # torchvision's uint8 kernels: ~3x faster
     return F.interpolate(img[None].float(), size=size, mode='bilinear', align_corners=False, antialias=True)[0]
 
+def draw_crop(h:int, w:int, crop:int, g:torch.Generator, flip:bool=True) -> tuple[int, int, bool]:
+    "The corner `(i, j)` of a random `crop`×`crop` window of an `h`×`w` image (0 along a side shorter than `crop`) and whether to mirror it, drawn from `g`."
+    i = int(torch.randint(0, max(h, crop) - crop + 1, (1,), generator=g)); j = int(torch.randint(0, max(w, crop) - crop + 1, (1,), generator=g))
+    return i, j, bool(flip and torch.rand(1, generator=g) < .5)
+
 def random_crop_flip(x:torch.Tensor, crop:int, g:torch.Generator, pad_value:float=0., flip:bool=True,
                      y:torch.Tensor|None=None, y_pad:int=255, prep=None):
     "A random `crop`×`crop` window of (C, H, W) `x` (padded with `pad_value` if smaller), flipped half the time; same window of `y`."
-    h, w = x.shape[-2:]
-    i = int(torch.randint(0, max(h, crop) - crop + 1, (1,), generator=g)); j = int(torch.randint(0, max(w, crop) - crop + 1, (1,), generator=g))
+    i, j, mirror = draw_crop(*x.shape[-2:], crop, g, flip)
     x = x[..., i:i+crop, j:j+crop]; y = y[..., i:i+crop, j:j+crop] if y is not None else None
     if prep is not None: x = prep(x)         # e.g. normalisation: applied to the window only, before the padding
     ph, pw = crop - x.shape[-2], crop - x.shape[-1]
     if ph or pw:
         x = F.pad(x, (0, pw, 0, ph), value=pad_value)
         if y is not None: y = F.pad(y, (0, pw, 0, ph), value=y_pad)
-    if flip and torch.rand(1, generator=g) < .5:
-        x = x.flip(-1); y = y.flip(-1) if y is not None else None
+    if mirror: x = x.flip(-1); y = y.flip(-1) if y is not None else None
     return x if y is None else (x, y)
 
 # %% ../nbs/18_finetune.ipynb #1312353c

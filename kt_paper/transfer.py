@@ -17,8 +17,9 @@ from .data import VOC_CLASSES
 from .images import IMAGENET_MEAN, IMAGENET_STD, imagenet_normalize
 from .finetune import (VOCImage, read_voc_split, class_labels, ImageStore, conv_trunk,
                                trunk_channels, student_fc_dim, StepDraws, train_steps, loader_workers, final_loss,
-                               model_digest, voc_digest, resize_short, random_crop_flip, eval_layout, nonempty_split,
-                               run_seconds)
+                               model_digest, voc_digest, resize_short, draw_crop, random_crop_flip, eval_layout,
+                               nonempty_split, run_seconds)
+from .student import keep_batch
 from .metrics import classification_map, detection_map
 from .segmentation import SegConfig, voc12_segmentation
 from .report import (K_PATTERN, DOMAIN_PATTERN, student_label, transfer_rows, describe_setup, write_transfer_table,
@@ -27,9 +28,9 @@ from .train import autocast_for, digest, precision_policy
 
 # %% auto #0
 __all__ = ['TRANSFER_PRESETS', 'PROTOCOLS', 'ClsConfig', 'DetConfig', 'TransferConfig', 'find_students', 'TrunkClassifier',
-           'masked_bce', 'cls_view', 'ClsDraws', 'predict_classification', 'voc07_classification', 'build_detector',
-           'det_target', 'to_voc_boxes', 'DetDraws', 'det_collate', 'det_loss', 'predict_detection', 'voc07_detection',
-           'run_protocol', 'transfer_student', 'run_transfer']
+           'masked_bce', 'cls_window', 'cls_views', 'cls_view', 'ClsDraws', 'predict_classification',
+           'voc07_classification', 'build_detector', 'det_target', 'to_voc_boxes', 'DetDraws', 'det_collate',
+           'det_loss', 'predict_detection', 'voc07_detection', 'run_protocol', 'transfer_student', 'run_transfer']
 
 # %% ../nbs/20_transfer.ipynb #0ca888ba
 @dataclass(frozen=True)
@@ -157,12 +158,35 @@ def masked_bce(logits:torch.Tensor, labels:torch.Tensor) -> torch.Tensor:
     return (F.binary_cross_entropy_with_logits(logits, (labels > 0).float(), reduction='none') * w).sum() / w.sum().clamp(min=1)
 
 # %% ../nbs/20_transfer.ipynb #a03d7387
-def cls_view(img:torch.Tensor, cfg:ClsConfig, g:torch.Generator, train:bool=True) -> torch.Tensor:
-    "One augmented, normalised view of a uint8 image (random rescale in training, scale 1 at test)."
+def cls_window(img:torch.Tensor, cfg:ClsConfig, g:torch.Generator, train:bool=True) -> tuple[torch.Tensor, bool]:
+    "The draws of one view of uint8 `img`: its window (random rescale in training, scale 1 at test; a random crop) and whether it is mirrored."
     s = float(torch.empty(1).uniform_(*cfg.scale_range, generator=g)) if train else 1.
     short = max(8, round((min(img.shape[-2:]) if cfg.native_scale else cfg.resize) * s))
     x = img if short == min(img.shape[-2:]) else resize_short(img, short)
-    return random_crop_flip(x, cfg.crop, g, prep=imagenet_normalize)
+    i, j, mirror = draw_crop(*x.shape[-2:], cfg.crop, g)
+    return x[..., i:i+cfg.crop, j:j+cfg.crop], mirror
+
+# %% ../nbs/20_transfer.ipynb #c35bd973
+def cls_views(windows:list, # `(uint8 window, mirrored)` pairs (`cls_window`)
+              crop:int      # the views' side
+             ) -> torch.Tensor:
+    "The normalised `(N, 3, crop, crop)` views of `windows`: mirrored where drawn so, zero-padded (the mean colour) to `crop`."
+    out, pads = torch.zeros((len(windows), 3, crop, crop), dtype=torch.uint8), []
+    for k, (win, mirror) in enumerate(windows):
+        h, w = win.shape[-2:]
+        if mirror: out[k, :, :h, crop-w:] = win.flip(-1)   # padded right, then mirrored: the padding ends on the left
+        else: out[k, :, :h, :w] = win
+        if h < crop or w < crop: pads.append((k, h, w, mirror))
+    x = imagenet_normalize(out)
+    for k, h, w, mirror in pads:
+        x[k, :, h:] = 0
+        if mirror: x[k, :, :, :crop-w] = 0
+        else: x[k, :, :, w:] = 0
+    return x
+
+def cls_view(img:torch.Tensor, cfg:ClsConfig, g:torch.Generator, train:bool=True) -> torch.Tensor:
+    "One augmented, normalised view of a uint8 image (random rescale in training, scale 1 at test)."
+    return cls_views([cls_window(img, cfg, g, train)], cfg.crop)[0]
 
 # %% ../nbs/20_transfer.ipynb #ce48137c
 class ClsDraws(StepDraws):
@@ -170,6 +194,11 @@ class ClsDraws(StepDraws):
     def __init__(self, store:ImageStore, labels:torch.Tensor, cfg:ClsConfig, seed:int=0):
         super().__init__(len(store), cfg.iters, cfg.bs, seed); self.store, self.labels, self.cfg = store, labels, cfg
     def item(self, i, g): return cls_view(self.store[i], self.cfg, g), self.labels[i]
+    def __getitems__(self, ks:list) -> list:
+        "Draws `ks` as one batch `[views, labels]` (torch's batched fetch): the windows cut one by one, then `cls_views` at once."
+        draws = [self.draw(k) for k in ks]
+        return [cls_views([cls_window(self.store[i], self.cfg, g) for i, g in draws], self.cfg.crop), torch.stack([self.labels[i] for i, _ in draws])]
+    collate_fn = staticmethod(keep_batch)   # `__getitems__` made the batch
 
 # %% ../nbs/20_transfer.ipynb #caf23bfa
 @torch.no_grad()
@@ -180,7 +209,7 @@ def predict_classification(model:nn.Module, store:ImageStore, cfg:ClsConfig, see
     model.eval(); out = []
     for i in range(len(store)):
         g = torch.Generator().manual_seed(seed * 1_000_003 + 7 + i)
-        if cfg.test_views == 'train': out.append(torch.stack([cls_view(store[i], cfg, g) for _ in range(cfg.test_crops)]))
+        if cfg.test_views == 'train': out.append(cls_views([cls_window(store[i], cfg, g) for _ in range(cfg.test_crops)], cfg.crop))
         else:
             x = resize_short(store[i], cfg.resize)   # scale 1, resized once; the crops are windows of it
             out.append(torch.stack([random_crop_flip(x, cfg.crop, g, prep=imagenet_normalize) for _ in range(cfg.test_crops)]))
