@@ -5,12 +5,13 @@
 # %% ../nbs/06_train.ipynb #d19c687b
 from __future__ import annotations
 import contextlib, dataclasses, hashlib, os, time
+from types import MethodType
 from pathlib import Path
 import numpy as np
 import torch
 from torch.amp import GradScaler
 from fastai.learner import Learner
-from fastai.callback.core import Callback
+from fastai.callback.core import Callback, event, _inner_loop   # `_inner_loop`: fastai's per-batch events
 from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.schedule import combined_cos
 from fastai.callback.progress import CSVLogger
@@ -264,9 +265,6 @@ class ProgressEvents(Callback):
         progress(self.what, self.epoch + 1, self.n_epoch, 'epoch', self._eta(), loss=self._loss())
 
 # %% ../nbs/06_train.ipynb #859a1e10
-from types import MethodType
-from fastai.callback.core import event, _inner_loop
-
 def _listens(cb:Callback, name:str) -> bool:
     "Whether `cb` acts on event `name`: its class or itself defines the handler, or its class has its own `__call__`."
     return name in vars(cb) or hasattr(type(cb), name) or type(cb).__call__ is not Callback.__call__
