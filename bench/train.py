@@ -22,7 +22,9 @@ and each ratio is paired: kt_paper / the bare loop of the same round (on a share
 15-20% between runs); the median over rounds is reported. oneDNN picks and caches kernels on first use, so the first
 `--warmup` steps of every loop are not timed. The last line is `train_ratio_min: X`, the smallest median over trainers.
 
-Usage: python bench/train.py [--preset small] [--steps 60] [--warmup 5] [--rounds 3]   (shorter runs are noisy on 2 cores)
+Usage: python bench/train.py [--preset small] [--steps 60] [--warmup 5] [--rounds 3] [--device cpu]   (shorter runs are noisy on 2 cores)
+On a GPU: `python bench/gpu.py` (this script with `--device cuda --preset paper`: bare loops in fp32 and bf16 autocast, or fp16
+with a grad scaler where the GPU has no bf16, each with and without channels-last).
 """
 import argparse, contextlib, copy, platform, time
 import numpy as np, torch
@@ -32,21 +34,36 @@ def cpu_name():
     try: return next(l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name'))
     except (OSError, StopIteration): return platform.processor()
 
+DEVICE = torch.device('cpu')   # set by `--device`; every case and loop runs there
+
+def sync():
+    if DEVICE.type == 'cuda': torch.cuda.synchronize(DEVICE)
+
 def bare(model, batches, opt, precision, channels_last, loss=nn.CrossEntropyLoss(), warmup=3, clip=0.):
     "img/s of a plain loop over `batches` [(x, y)] (the first `warmup` untimed) with torch optimiser `opt(params)` (gradient norm clipped to `clip` if > 0)."
-    m = copy.deepcopy(model).train()
+    m = copy.deepcopy(model).to(DEVICE).train()
     if channels_last: m = m.to(memory_format=torch.channels_last)
     opt = opt([p for p in m.parameters() if p.requires_grad])
-    ac = torch.autocast('cpu', dtype=torch.bfloat16) if precision == 'bf16' else contextlib.nullcontext()
+    dt = dict(bf16=torch.bfloat16, fp16=torch.float16).get(precision)
+    ac = torch.autocast(DEVICE.type, dtype=dt) if dt is not None else contextlib.nullcontext()
+    scaler = torch.amp.GradScaler(DEVICE.type) if precision == 'fp16' else None
     n = 0
     for i, (x, y) in enumerate(batches):
-        if i == warmup: t0, n = time.perf_counter(), 0
+        if i == warmup: sync(); t0, n = time.perf_counter(), 0
+        x, y = x.to(DEVICE, non_blocking=True), y.to(DEVICE, non_blocking=True)
         if channels_last and x.ndim == 4: x = x.contiguous(memory_format=torch.channels_last)
         opt.zero_grad()
         with ac: l = loss(m(x), y)
-        l.backward()
-        if clip: nn.utils.clip_grad_norm_(m.parameters(), clip)
-        opt.step(); n += len(y)
+        if scaler is not None:
+            scaler.scale(l).backward()
+            if clip: scaler.unscale_(opt); nn.utils.clip_grad_norm_(m.parameters(), clip)
+            scaler.step(opt); scaler.update()
+        else:
+            l.backward()
+            if clip: nn.utils.clip_grad_norm_(m.parameters(), clip)
+            opt.step()
+        n += len(y)
+    sync()
     return n / (time.perf_counter() - t0)
 
 class Timer:
@@ -59,9 +76,9 @@ class Timer:
             def after_batch(self):
                 if not self.training: return
                 self.i += 1
-                if self.i == warmup: self.t0, self.n = time.perf_counter(), 0
+                if self.i == warmup: sync(); self.t0, self.n = time.perf_counter(), 0
                 elif self.t0 is not None: self.n += len(self.yb[0])
-            def before_validate(self): self.rate = self.n / (time.perf_counter() - self.t0) if self.t0 else float('nan')
+            def before_validate(self): sync(); self.rate = self.n / (time.perf_counter() - self.t0) if self.t0 else float('nan')
         return _T()
 
 def norm_batches(x_u8, y, bs, crop):
@@ -102,7 +119,7 @@ def student_case(preset, steps, warmup):
     x = torch.randint(0, 256, (n, 3, cfg.resize, cfg.resize), dtype=torch.uint8); y = torch.randint(0, 100, (n,))
     model = build_alexnet(100, **cfg.alexnet_args())
     def kt():
-        dls = make_student_dls(ImageTensorDataset(x, y.numpy(), cfg.crop, True), ImageTensorDataset(x[:cfg.bs], y[:cfg.bs].numpy(), cfg.crop, False), cfg.bs, num_workers=0)
+        dls = make_student_dls(ImageTensorDataset(x, y.numpy(), cfg.crop, True), ImageTensorDataset(x[:cfg.bs], y[:cfg.bs].numpy(), cfg.crop, False), cfg.bs, num_workers=0, device=DEVICE)
         t = Timer(warmup); learn = student_learner(copy.deepcopy(model), dls, cfg, cbs=[t])
         fit(learn, 1, quiet=True); return t.rate, learn.precision_used
     opt = lambda ps: torch.optim.SGD(ps, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd)   # the student's: coupled wd
@@ -119,8 +136,8 @@ def pretext_case(preset, steps, warmup):
     model = cfn_from_config(cfg)
     def kt():
         ds = torch.utils.data.TensorDataset(x, y)
-        dls = DataLoaders(torch.utils.data.DataLoader(ds, cfg.bs, shuffle=True, drop_last=True), torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:cfg.bs], y[:cfg.bs]), cfg.bs))
-        t = Timer(warmup); learn = jigsaw_learner(dls, copy.deepcopy(model), cfg, path='/tmp/kt_bench_train', device='cpu')
+        dls = DataLoaders(torch.utils.data.DataLoader(ds, cfg.bs, shuffle=True, drop_last=True), torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:cfg.bs], y[:cfg.bs]), cfg.bs), device=DEVICE)
+        t = Timer(warmup); learn = jigsaw_learner(dls, copy.deepcopy(model), cfg, path='/tmp/kt_bench_train', device=DEVICE)
         fit(learn, 1, quiet=True, cbs=[t], lr=cfg.lr); return t.rate, learn.precision_used
     if cfg.opt == 'adam': opt = lambda ps: torch.optim.AdamW(ps, lr=cfg.lr, betas=(0.9, 0.99), eps=1e-5, weight_decay=cfg.wd)  # fastai's Adam
     else: opt = lambda ps: torch.optim.SGD(ps, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd)
@@ -136,7 +153,7 @@ def probe_case(preset, steps, warmup):
     model = LinearProbes(net, 10, input_size=cfg.crop)
     def kt():
         dls = probe_dls((x, y.numpy()), (x[:cfg.bs], y[:cfg.bs].numpy()), cfg, num_workers=0)
-        t = Timer(warmup); learn = linear_probe_learner(copy.deepcopy(model), dls, cfg); learn.add_cb(t)
+        t = Timer(warmup); learn = linear_probe_learner(copy.deepcopy(model).to(DEVICE), dls, cfg); learn.add_cb(t)   # batches follow the model (as `run_linear_probes`)
         fit(learn, 1, quiet=True); return t.rate, learn.precision_used
     opt = lambda ps: torch.optim.SGD(ps, lr=cfg.lin_lr, momentum=cfg.momentum, weight_decay=cfg.wd)
     kt.same_work = lambda: bare_crops(x, y, cfg.bs, cfg.crop, steps + warmup)
@@ -154,7 +171,7 @@ def transfer_case(preset, steps, warmup):
     model = TrunkClassifier(conv_trunk(net), cfg.crop, 20, cfg.fc_dim or student_fc_dim(net), cfg.dropout)
     def kt():   # the protocol's own path: step draws (rescale, crop, flip, normalise per image), gradient clipping;
         t = Timer(warmup)   # no loader workers: `finetune.loader_workers`' choice for in-memory images on a CPU
-        learn = train_steps(copy.deepcopy(model), ClsDraws(x, y, cfg), cfg, masked_bce, 'cpu', quiet=True, cbs=[t], num_workers=0)
+        learn = train_steps(copy.deepcopy(model), ClsDraws(x, y, cfg), cfg, masked_bce, DEVICE, quiet=True, cbs=[t], num_workers=0)
         return t.rate, learn.precision_used
     opt = lambda ps: torch.optim.SGD(ps, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd)   # L2 on every parameter, as the protocol
     kt.same_work = lambda: bare_rescale_crops(x, y, cfg.bs, cfg.crop, cfg.resize, cfg.scale_range, steps + warmup)
@@ -165,11 +182,19 @@ def main():
     ap.add_argument('--preset', default='small'); ap.add_argument("--steps", type=int, default=60)
     ap.add_argument('--warmup', type=int, default=5); ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument('--emulated-bf16', action='store_true', help="also time bf16 bare loops on a CPU without bf16 units")
+    ap.add_argument('--device', default='cpu', help="'cpu' or 'cuda' (bench/gpu.py): where both sides run")
     a = ap.parse_args()
     from kt_paper.core import cpu_has_bf16
+    global DEVICE
+    DEVICE = torch.device(a.device)
     torch.manual_seed(0)
-    print(f"machine: {cpu_name()}, {torch.get_num_threads()} threads, bf16 units: {cpu_has_bf16()}, torch {torch.__version__}, preset {a.preset}")
-    variants = [('fp32', False), ('fp32', True)] + ([('bf16', False), ('bf16', True)] if cpu_has_bf16() or a.emulated_bf16 else [])
+    if DEVICE.type == 'cuda':
+        bf16 = torch.cuda.is_bf16_supported()
+        print(f"machine: {torch.cuda.get_device_name(DEVICE)} (host {cpu_name()}), torch {torch.__version__}, preset {a.preset}")
+        variants = [('fp32', False), ('fp32', True)] + ([('bf16', False), ('bf16', True)] if bf16 else [('fp16', False), ('fp16', True)])
+    else:
+        print(f"machine: {cpu_name()}, {torch.get_num_threads()} threads, bf16 units: {cpu_has_bf16()}, torch {torch.__version__}, preset {a.preset}")
+        variants = [('fp32', False), ('fp32', True)] + ([('bf16', False), ('bf16', True)] if cpu_has_bf16() or a.emulated_bf16 else [])
     if len(variants) == 2: print("no bf16 units: the bare bf16 loops (emulated, several times slower than fp32) are skipped; --emulated-bf16 times them")
     premade_min, same_min = [], []
     for case in (student_case, pretext_case, probe_case, transfer_case):
