@@ -48,7 +48,7 @@ TEACHER_PRESETS = {
     # medium: whole images at the scale the CFN was trained at (its puzzles are cut from 64-px images upsampled to 96 px,
     # `JigsawConfig.resize`), conv3 averaged over the image (global pooling, so a pseudo-label does not change with where
     # in the image things are). Against 64 px and a 2x2 grid, an 8-epoch CC student on the Jigsaw++ teacher's clusters
-    # gained 2.1/3.7/4.1/4.2 points on frozen conv2-5, the random teacher's 0.8/1.3/1.6/2.1 (figures/README). Every CNN
+    # gained 2.4/2.9/3.5/3.5 points on frozen conv2-5, the random teacher's 0.8/1.3/1.6/2.1 (figures/README). Every CNN
     # teacher is taken the same way; HOG keeps its 64-px gray image.
     'medium': TeacherConfig(image_size=96, layer='conv3', pool='avg', hog_size=64, hog_cell=8, batch_size=256, dtype='float32'),
     'paper': TeacherConfig(),
