@@ -46,7 +46,7 @@ def bare(model, batches, opt, precision, channels_last, loss=nn.CrossEntropyLoss
     opt = opt([p for p in m.parameters() if p.requires_grad])
     dt = dict(bf16=torch.bfloat16, fp16=torch.float16).get(precision)
     ac = torch.autocast(DEVICE.type, dtype=dt) if dt is not None else contextlib.nullcontext()
-    scaler = torch.amp.GradScaler(DEVICE.type) if precision == 'fp16' else None
+    scaler = torch.amp.GradScaler(DEVICE.type, enabled=precision == 'fp16')   # disabled: scale/unscale_/update do nothing
     n = 0
     for i, (x, y) in enumerate(batches):
         if i == warmup: sync(); t0, n = time.perf_counter(), 0
@@ -54,14 +54,9 @@ def bare(model, batches, opt, precision, channels_last, loss=nn.CrossEntropyLoss
         if channels_last and x.ndim == 4: x = x.contiguous(memory_format=torch.channels_last)
         opt.zero_grad()
         with ac: l = loss(m(x), y)
-        if scaler is not None:
-            scaler.scale(l).backward()
-            if clip: scaler.unscale_(opt); nn.utils.clip_grad_norm_(m.parameters(), clip)
-            scaler.step(opt); scaler.update()
-        else:
-            l.backward()
-            if clip: nn.utils.clip_grad_norm_(m.parameters(), clip)
-            opt.step()
+        scaler.scale(l).backward()
+        if clip: scaler.unscale_(opt); nn.utils.clip_grad_norm_(m.parameters(), clip)
+        scaler.step(opt); scaler.update()
         n += len(y)
     sync()
     return n / (time.perf_counter() - t0)

@@ -70,7 +70,7 @@ STUDENT_PRESETS = {
     # 64-px images: the small-scale reference's student, a 5x5/2 conv1 (an 11x11 kernel sees most of a 64-px image),
     # ungrouped, fc 1024, one-cycle SGD at lr 0.1, batch 256. On HOG's k=200 clusters it fits its pseudo-labels to 11.4%
     # val top-1 (the 11x11, grouped, step-lr student: 5.5%) and closes ~3 points of the gap to Random (see figures/README).
-    # 8 epochs (400k images, the reference's budget): against 3, every CC row gained 1-3 points on frozen conv2-5 and the
+    # 8 epochs (400k images, the reference's budget): against 3, every CC row gained 2-4 points on frozen conv2-5 and the
     # supervised row 4-9 (figures/README); one such student takes ~5.8 min on a 2-core Xeon with AMX bf16 units
     'medium': StudentConfig(width=0.5, bn=True, conv1_stride=2, conv1_kernel=5, conv1_pad=2, groups=1, fc_dim=1024,
                             resize=72, crop=64, epochs=8, bs=256, lr=0.1, schedule='one_cycle', cache_images=True),
