@@ -33,6 +33,7 @@ class TeacherConfig:
     layer:str='conv4'         # trunk stage whose output is the feature (Jigsaw/random/supervised teachers)
     pool:str='grid'           # 'grid' (adaptive average to pool_grid x pool_grid), 'avg', 'max' (global), 'none' (flatten)
     pool_grid:int=2           # grid side of `pool='grid'`
+    colour:str='rgb'          # CNN teachers' input: 'rgb', or 'gray' (the channel mean in all three, as the pretext's gray puzzles)
     hog_size:int=128          # HOG: grayscale image side
     hog_cell:int=16           # HOG: pixels per cell (square)
     hog_block:int=2           # HOG: cells per block (square)
@@ -50,6 +51,8 @@ TEACHER_PRESETS = {
     # in the image things are). Against 64 px and a 2x2 grid, an 8-epoch CC student on the Jigsaw++ teacher's clusters
     # gained 2.4/2.9/3.5/3.5 points on frozen conv2-5, the random teacher's 0.8/1.3/1.6/2.1 (figures/README). Every CNN
     # teacher is taken the same way; HOG keeps its 64-px gray image.
+    # Colour stays: with `colour='gray'` CC+Jigsaw++ led CC on an untrained network's clusters by 1.4/2.3/2.6 points on
+    # conv3-5 (colour: 0.3-0.7) but Random by only 0.7-1.2 on conv2-5 (colour: 4.3-4.7); figures/README.
     'medium': TeacherConfig(image_size=96, layer='conv3', pool='avg', hog_size=64, hog_cell=8, batch_size=256, dtype='float32'),
     'paper': TeacherConfig(),
 }
@@ -117,22 +120,28 @@ class CNNTeacher(Teacher):
                  pool:str='grid', pool_grid:int=2, # pooling, see `pool_features`
                  normalise:str='image',        # 'image' (per-image MVN x scale) or 'imagenet'
                  scale:float=1.,               # factor after per-image normalisation (Jigsaw++ code: 50)
-                 info:dict|None=None           # extra description (layer, checkpoint...)
+                 info:dict|None=None,          # extra description (layer, checkpoint...)
+                 colour:str='rgb'              # 'rgb', or 'gray': every image replaced by its channel mean
                 ):
         self.features, self.name, self.image_size, self.pool, self.pool_grid = features.eval(), name, image_size, pool, pool_grid
         self.normalise, self.scale, self.info, self.device = normalise, scale, info or {}, torch.device('cpu')
         if normalise not in ('image', 'imagenet'): raise ValueError(f"unknown normalise {normalise!r}")
+        if colour not in ('rgb', 'gray'): raise ValueError(f"unknown colour {colour!r}; expected 'rgb' or 'gray'")
+        self.colour = colour
     def to(self, device):
         self.device = get_device(device); self.features.to(self.device); return self
     def prepare(self, img): return torch.from_numpy(resize_centre_crop(img, self.image_size))
     @torch.no_grad()
     def embed(self, x):
-        x = InputNorm(self.normalise, self.scale)(imagenet_normalize(x.to(self.device, non_blocking=True)))
+        x = x.to(self.device, non_blocking=True)
+        if self.colour == 'gray': x = x.float().mean(-3, keepdim=True).expand_as(x)
+        x = InputNorm(self.normalise, self.scale)(imagenet_normalize(x))
         with autocast_for(self.features): f = self.features(x)
         return pool_features(f.float(), self.pool, self.pool_grid)
     def describe(self):
         return dict(name=self.name, image_size=self.image_size, pool=self.pool, pool_grid=self.pool_grid,
-                    normalise=self.normalise, scale=self.scale, **self.info)
+                    normalise=self.normalise, scale=self.scale, **self.info,
+                    **({} if self.colour == 'rgb' else dict(colour=self.colour)))   # rgb unnamed: earlier runs' caches stay valid
 
 # %% ../nbs/12_teachers.ipynb #f74c705c
 def jigsaw_teacher(net_or_path,               # a `JigsawNet` or a checkpoint written by `save_jigsaw_net`
@@ -149,7 +158,7 @@ def jigsaw_teacher(net_or_path,               # a `JigsawNet` or a checkpoint wr
     else: net = net_or_path
     info.update(layer=cfg.layer, arch=getattr(net, 'build_args', {}).get('cfn_arch'))
     if scale is None: scale = getattr(net, 'build_args', {}).get('input_scale', 1.)
-    return CNNTeacher(cut_at(net.trunk, cfg.layer), name, cfg.image_size, cfg.pool, cfg.pool_grid, 'image', scale, info)
+    return CNNTeacher(cut_at(net.trunk, cfg.layer), name, cfg.image_size, cfg.pool, cfg.pool_grid, 'image', scale, info, cfg.colour)
 
 def random_teacher(cfg:TeacherConfig,   # image size, layer, pooling
                    seed:int=0,          # initialisation seed
@@ -160,7 +169,7 @@ def random_teacher(cfg:TeacherConfig,   # image size, layer, pooling
     torch.manual_seed(seed)
     net = build_cfn(**{'init': 'torch', **build_args})
     return CNNTeacher(cut_at(net.trunk, cfg.layer), 'random', cfg.image_size, cfg.pool, cfg.pool_grid, 'image', 1.,
-                      dict(layer=cfg.layer, seed=seed, build_args=build_args))
+                      dict(layer=cfg.layer, seed=seed, build_args=build_args), cfg.colour)
 
 # %% ../nbs/12_teachers.ipynb #988f2793
 def torchvision_teacher(name:str,               # a torchvision model name (`torchvision.models.list_models()`)
@@ -185,7 +194,7 @@ def torchvision_teacher(name:str,               # a torchvision model name (`tor
     if layer not in nodes: raise KeyError(f"{name} has no node {layer!r}; some nodes: {nodes[-8:]}")
     fx = create_feature_extractor(m, {layer: 'f'})
     info['layer'] = layer
-    return CNNTeacher(_Pick(fx), f'tv-{name}', cfg.image_size, cfg.pool, cfg.pool_grid, 'imagenet', 1., info)
+    return CNNTeacher(_Pick(fx), f'tv-{name}', cfg.image_size, cfg.pool, cfg.pool_grid, 'imagenet', 1., info, cfg.colour)
 
 class _Pick(nn.Module):
     def __init__(self, m): super().__init__(); self.m = m
@@ -237,7 +246,7 @@ class _LabelledImages(torch.utils.data.Dataset):
 def supervised_teacher(trunk:nn.Sequential, cfg:TeacherConfig, info:dict|None=None) -> CNNTeacher:
     "A trunk trained on true labels (`train_supervised_teacher`), cut at `cfg.layer`."
     return CNNTeacher(cut_at(trunk, cfg.layer), 'supervised', cfg.image_size, cfg.pool, cfg.pool_grid, 'image', 1.,
-                      dict(layer=cfg.layer, **(info or {})))
+                      dict(layer=cfg.layer, **(info or {})), cfg.colour)
 
 # %% ../nbs/12_teachers.ipynb #d8c2b5e1
 class _Images(torch.utils.data.Dataset):
