@@ -51,8 +51,8 @@ TEACHER_PRESETS = {
     # in the image things are). Against 64 px and a 2x2 grid, an 8-epoch CC student on the Jigsaw++ teacher's clusters
     # gained 2.4/2.9/3.5/3.5 points on frozen conv2-5, the random teacher's 0.8/1.3/1.6/2.1 (figures/README). Every CNN
     # teacher is taken the same way; HOG keeps its 64-px gray image.
-    # Colour stays: with `colour='gray'` CC+Jigsaw++ led CC on an untrained network's clusters by 1.4/2.3/2.6 points on
-    # conv3-5 (colour: 0.3-0.7) but Random by only 0.7-1.2 on conv2-5 (colour: 4.3-4.7); figures/README.
+    # Colour stays: with `colour='gray'` CC+Jigsaw++ led CC on an untrained network's clusters by 2.4/2.3/1.8 points on
+    # conv3-5 (colour: 0.9/1.1/0.0) but Random by only 1.4/1.6/0.8/0.7 on conv2-5 (colour: 4.3-4.7); figures/README.
     'medium': TeacherConfig(image_size=96, layer='conv3', pool='avg', hog_size=64, hog_cell=8, batch_size=256, dtype='float32'),
     'paper': TeacherConfig(),
 }
