@@ -131,12 +131,13 @@ class CNNTeacher(Teacher):
     def to(self, device):
         self.device = get_device(device); self.features.to(self.device); return self
     def prepare(self, img): return torch.from_numpy(resize_centre_crop(img, self.image_size))
+    def standardise(self, x):
+        "uint8 images `(..., 3, S, S)` (from `prepare`) -> the network's input: gray if asked, then normalised."
+        if self.colour == 'gray': x = x.float().mean(-3, keepdim=True).expand_as(x)
+        return InputNorm(self.normalise, self.scale)(imagenet_normalize(x))
     @torch.no_grad()
     def embed(self, x):
-        x = x.to(self.device, non_blocking=True)
-        if self.colour == 'gray': x = x.float().mean(-3, keepdim=True).expand_as(x)
-        x = InputNorm(self.normalise, self.scale)(imagenet_normalize(x))
-        with autocast_for(self.features): f = self.features(x)
+        with autocast_for(self.features): f = self.features(self.standardise(x.to(self.device, non_blocking=True)))
         return pool_features(f.float(), self.pool, self.pool_grid)
     def describe(self):
         return dict(name=self.name, image_size=self.image_size, pool=self.pool, pool_grid=self.pool_grid,
@@ -227,7 +228,7 @@ def train_supervised_teacher(paths:Sequence,        # training images
     from fastai.metrics import accuracy
     seed_everything(seed)
     trunk = build_cfn(**{'init': 'torch', **build_args}).trunk
-    prep = CNNTeacher(nn.Identity(), 'x', cfg.image_size)
+    prep = CNNTeacher(nn.Identity(), 'x', cfg.image_size, colour=cfg.colour)   # trained on what the teacher will see
     ds = _LabelledImages(paths, labels, prep, loader or load_rgb)
     dl = torch.utils.data.DataLoader(ds, bs, shuffle=True, num_workers=default_num_workers() if num_workers is None else num_workers,
                                      generator=torch.Generator().manual_seed(seed), drop_last=len(ds) > bs)
@@ -240,7 +241,7 @@ class _LabelledImages(torch.utils.data.Dataset):
     def __init__(self, paths, labels, prep, loader): self.paths, self.labels, self.prep, self.loader = list(paths), list(labels), prep, loader
     def __len__(self): return len(self.paths)
     def __getitem__(self, i):
-        x = InputNorm('image')(imagenet_normalize(self.prep.prepare(self.loader(self.paths[i]))))   # as the teacher will see it
+        x = self.prep.standardise(self.prep.prepare(self.loader(self.paths[i])))
         return x, torch.tensor(int(self.labels[i]))
 
 def supervised_teacher(trunk:nn.Sequential, cfg:TeacherConfig, info:dict|None=None) -> CNNTeacher:
@@ -364,7 +365,8 @@ def supervised_trunk(images,             # `ImageSet`: training images and their
     "The trunk of `train_supervised_teacher` on `images`, saved to `path`; reused from `path` when made the same way."
     from kt_paper.nets import build_cfn
     path = Path(path)
-    key = fingerprint(cfg.image_size, epochs, seed, build_args, digest(image_ids(images.paths)), digest(images.labels))
+    key = fingerprint(cfg.image_size, epochs, seed, build_args, digest(image_ids(images.paths)), digest(images.labels),
+                      *(() if cfg.colour == 'rgb' else (cfg.colour,)))   # rgb unnamed: earlier trunks stay valid
     if path.exists():
         sd, meta = load_checkpoint(path)
         if meta.get('args', {}).get('fingerprint') == key:
