@@ -12,8 +12,9 @@ import torch
 # %% auto #0
 __all__ = ['PRESET_NAMES', 'in_test', 'preset_name', 'pick_preset', 'seed_everything', 'get_device', 'cpu_has_bf16',
            'usable_cores', 'default_num_workers', 'atomic_path', 'save_json', 'load_json', 'save_array',
-           'save_checkpoint', 'load_checkpoint', 'fingerprint', 'project_root', 'resolve_out_dir', 'cache_dir',
-           'environment_info', 'pin_mmap_threshold', 'hold_freed_memory', 'progress', 'format_progress', 'show_doc']
+           'save_checkpoint', 'load_checkpoint', 'fingerprint', 'imported_modules', 'module_file', 'code_files',
+           'code_digest', 'project_root', 'resolve_out_dir', 'cache_dir', 'environment_info', 'pin_mmap_threshold',
+           'hold_freed_memory', 'progress', 'format_progress', 'show_doc']
 
 # %% ../nbs/00_core.ipynb #16f4d2db
 PRESET_NAMES = ('test', 'tiny', 'small', 'medium', 'paper')
@@ -154,6 +155,76 @@ def fingerprint(*parts, n:int=10) -> str:
     "A short, stable hex digest of JSON-serialisable `parts` (dataclasses allowed)."
     s = json.dumps(parts, sort_keys=True, default=_jsonable)
     return hashlib.sha256(s.encode()).hexdigest()[:n]
+
+# %% ../nbs/00_core.ipynb #9467ee1d
+def _package_dir(package:str='kt_paper') -> Path:
+    "The folder Python imports `package`'s modules from (found without importing it)."
+    import importlib.util
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations: raise ModuleNotFoundError(f"no package {package!r}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+def _without_magics(source:str) -> str:
+    "Python source with IPython's `%`/`!` lines blanked (so a notebook cell parses)."
+    return '\n'.join('' if l.lstrip().startswith(('%', '!')) else l for l in source.splitlines())
+
+# %% ../nbs/00_core.ipynb #50612ffb
+def imported_modules(source:str,              # Python source (a module's, or a notebook's code cells joined)
+                     package:str='kt_paper',  # the package whose modules count
+                     current:str|None=None    # the module `source` belongs to (resolves `from .x import y`)
+                    ) -> set[str]:
+    "The modules of `package` that `source` imports, at top level or inside functions (`'kt_paper.kmeans'`, ...)."
+    import ast
+    pdir, found = _package_dir(package), set()
+    def add(name):
+        parts = name.split('.')
+        if parts[0] != package: return
+        for i in range(1, len(parts) + 1):   # a package and the submodules named on the way
+            mod = '.'.join(parts[:i]); rel = Path(*parts[1:i])
+            if i == 1 or (pdir/rel).with_suffix('.py').is_file() or (pdir/rel/'__init__.py').is_file(): found.add(mod)
+    for node in ast.walk(ast.parse(_without_magics(source))):
+        if isinstance(node, ast.Import): [add(a.name) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                if current is None: continue
+                base = current.split('.')[:-node.level]
+                name = '.'.join(base + ([node.module] if node.module else []))
+            else: name = node.module or ''
+            add(name)
+            for a in node.names: add(f'{name}.{a.name}')   # `from kt_paper import kmeans` names a module
+    return found
+
+# %% ../nbs/00_core.ipynb #31d2d017
+def module_file(module:str) -> Path:
+    "The source file Python imports `module` (a kt_paper module name) from."
+    pkg, *rest = module.split('.')
+    base = _package_dir(pkg).joinpath(*rest)
+    return base/'__init__.py' if base.is_dir() else base.with_suffix('.py')
+
+def code_files(*modules:str,              # module names ('kt_paper.kmeans' or 'kmeans')
+               source:str|None=None,      # more source whose imports count (a stage notebook's code cells)
+               package:str='kt_paper',
+               exclude:tuple=()           # modules not followed (the pipeline's driver, which runs the stages)
+              ) -> dict[str, str]:
+    "File (relative to the package's parent) -> SHA-256 of every `package` module `modules` and `source` may run, transitively."
+    full = lambda m: m if m.split('.')[0] == package else f'{package}.{m}'
+    todo = {full(m) for m in modules}
+    if source is not None: todo |= imported_modules(source, package)
+    seen, root = dict.fromkeys(map(full, exclude)), _package_dir(package).parent
+    while todo:
+        m = todo.pop()
+        if m in seen: continue
+        f = module_file(m)
+        if not f.is_file(): raise ModuleNotFoundError(f"no module {m!r} at {f}")
+        text = f.read_bytes(); seen[m] = (f, hashlib.sha256(text).hexdigest()[:16])
+        cur = m if f.name != '__init__.py' else f'{m}.__init__'
+        todo |= imported_modules(text.decode(), package, cur) - set(seen)
+        todo |= {'.'.join(m.split('.')[:i]) for i in range(1, m.count('.') + 1)} - set(seen)   # importing runs the parents
+    return {f.relative_to(root).as_posix(): h for f, h in sorted(v for v in seen.values() if v is not None)}
+
+def code_digest(*modules:str, source:str|None=None, package:str='kt_paper', n:int=12) -> str:
+    "A short digest of the code `modules` (and `source`) may run: see `code_files`."
+    return fingerprint(code_files(*modules, source=source, package=package), n=n)
 
 # %% ../nbs/00_core.ipynb #76b4932a
 def project_root(start:str|Path|None=None) -> Path|None:

@@ -28,8 +28,8 @@ from .train import EpochSeed, digest, fit, sgd, step_lr
 # %% auto #0
 __all__ = ['VOCImage', 'read_voc_split', 'class_labels', 'read_voc_seg_split', 'ImageStore', 'conv_trunk', 'trunk_channels',
            'student_fc_dim', 'epoch_plan', 'StepDraws', 'EpochSlice', 'DrawEpoch', 'step_learner', 'train_steps',
-           'loader_workers', 'final_loss', 'model_digest', 'voc_digest', 'resize_short', 'draw_crop',
-           'random_crop_flip', 'eval_layout', 'nonempty_split', 'run_seconds']
+           'loader_workers', 'final_loss', 'voc_digest', 'resize_short', 'draw_crop', 'random_crop_flip', 'eval_layout',
+           'nonempty_split', 'run_seconds']
 
 # %% ../nbs/18_finetune.ipynb #13d8fb0d
 @dataclass(frozen=True)
@@ -190,11 +190,6 @@ def final_loss(learn:Learner) -> float|None:
     return round(float(learn.recorder.losses[-1]), 5) if learn.recorder.losses else None
 
 # %% ../nbs/18_finetune.ipynb #9843ec85
-def model_digest(model:nn.Module) -> str:
-    "A digest of a network's state (parameter and buffer names, dtypes, shapes and values)."
-    return digest([f'{k}:{digest(v.detach().cpu().float() if v.dtype == torch.bfloat16 else v.detach().cpu())}'
-                   for k, v in model.state_dict().items()])
-
 def voc_digest(images:list) -> str:
     "A digest of VOC images' ids and objects (boxes, classes, difficult flags)."
     return digest([f'{im.id}:{im.boxes.tolist()}:{im.labels.tolist()}:{im.difficult.tolist()}' for im in images])

@@ -16,9 +16,9 @@ from .core import seed_everything, fingerprint, get_device
 from .data import VOC_CLASSES, load_mask
 from .images import imagenet_normalize
 from .finetune import (read_voc_seg_split, ImageStore, conv_trunk, trunk_channels, StepDraws, train_steps, loader_workers,
-                               final_loss, model_digest, resize_short, random_crop_flip, eval_layout, nonempty_split, run_seconds)
+                               final_loss, resize_short, random_crop_flip, eval_layout, nonempty_split, run_seconds)
 from .metrics import confusion_matrix, iou_per_class, mean_iou
-from .train import autocast_for, digest, image_ids, precision_policy
+from .train import autocast_for, digest, image_ids, model_digest, precision_policy
 
 # %% auto #0
 __all__ = ['SegConfig', 'FCN32', 'read_mask', 'seg_view', 'SegDraws', 'seg_loss', 'predict_segmentation', 'seg_splits',

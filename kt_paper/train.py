@@ -24,8 +24,8 @@ from .distributed import world_info
 # %% auto #0
 __all__ = ['PRECISIONS', 'Precision', 'precision_policy', 'PrecisionCallback', 'to_channels_last_', 'autocast_for', 'step_lr',
            'one_cycle', 'one_cycle_mom', 'ForeachOptimizer', 'sgd', 'adam', 'EpochSeed', 'digest', 'image_ids',
-           'Checkpoint', 'History', 'checkpoint_state', 'resume', 'ProgressEvents', 'dispatch_to_listeners', 'fit',
-           'process_batch_size']
+           'model_digest', 'Checkpoint', 'History', 'checkpoint_state', 'resume', 'ProgressEvents',
+           'dispatch_to_listeners', 'fit', 'process_batch_size']
 
 # %% ../nbs/06_train.ipynb #a7829cdb
 PRECISIONS = ('auto', 'fp32', 'bf16', 'fp16')
@@ -187,6 +187,12 @@ def digest(x, n:int=12) -> str:
 def image_ids(paths, depth:int=2) -> list[str]:
     "The last `depth` components of each path (`class/file`): ids that survive moving the data folder."
     return ['/'.join(Path(p).parts[-depth:]) for p in paths]
+
+# %% ../nbs/06_train.ipynb #d6fa4994
+def model_digest(model:torch.nn.Module) -> str:
+    "A digest of a network's state: every parameter's and buffer's name, dtype, shape and values."
+    return digest([f'{k}:{v.dtype}:{digest(v.detach().cpu().float() if v.dtype == torch.bfloat16 else v.detach().cpu())}'
+                   for k, v in model.state_dict().items()])
 
 # %% ../nbs/06_train.ipynb #5f9df16f
 def _plain(o):

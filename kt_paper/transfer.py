@@ -17,14 +17,14 @@ from .data import VOC_CLASSES
 from .images import IMAGENET_MEAN, IMAGENET_STD, imagenet_normalize
 from .finetune import (VOCImage, read_voc_split, class_labels, ImageStore, conv_trunk,
                                trunk_channels, student_fc_dim, StepDraws, train_steps, loader_workers, final_loss,
-                               model_digest, voc_digest, resize_short, draw_crop, random_crop_flip, eval_layout,
+                               voc_digest, resize_short, draw_crop, random_crop_flip, eval_layout,
                                nonempty_split, run_seconds)
 from .student import keep_batch
 from .metrics import classification_map, detection_map
 from .segmentation import SegConfig, voc12_segmentation
 from .report import (K_PATTERN, DOMAIN_PATTERN, student_label, transfer_rows, describe_setup, write_transfer_table,
                              TRANSFER_COLUMNS, ablation_students, k_ablation_rows, domain_ablation_rows)
-from .train import autocast_for, digest, precision_policy
+from .train import autocast_for, digest, model_digest, precision_policy
 
 # %% auto #0
 __all__ = ['TRANSFER_PRESETS', 'PROTOCOLS', 'ClsConfig', 'DetConfig', 'TransferConfig', 'find_students', 'TrunkClassifier',
