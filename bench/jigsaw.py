@@ -10,15 +10,21 @@
     step alone on pre-built batches; `data_overhead` is the fraction of the loop's time spent waiting for batches.
 
 The last two lines are `speedup: X` (builder vs reference, paper sizes) and `data_overhead: Y`.
+
+Usage: .venv/bin/python bench/jigsaw.py [--quick] [--smoke]
+  --quick (or BENCH_QUICK=1): fewer puzzles and iterations (noisier);
+  --smoke: the same code paths at toy sizes (a few puzzles, 3 training steps on the built-in `test`-scale dataset, no
+           download), seconds: what `tests/test_bench.py` runs so that an import or API change fails CI. Its numbers mean nothing.
 """
-import os, sys, time, platform, warnings
+import argparse, os, sys, time, platform, warnings
 warnings.filterwarnings('ignore')
 import numpy as np, torch
 from PIL import Image
 import torchvision.transforms.functional as TF
 from kt_paper.core import seed_everything, default_num_workers, get_device, environment_info
 from kt_paper.jigsaw import (JIGSAW_PRESETS, PuzzleDataset, sample_puzzles, assemble_puzzles_torch,
-                             prepare_image, cfn_from_config, COLOUR_PROJECTION, jigsaw_dataloaders)
+                             prepare_image, COLOUR_PROJECTION, jigsaw_dataloaders)
+from kt_paper.pretext import cfn_from_config
 from kt_paper.permutations import permutation_set
 
 QUICK = bool(os.environ.get('BENCH_QUICK'))
@@ -54,14 +60,16 @@ class ReferenceDataset(torch.utils.data.Dataset):
             tiles.append(x)
         return torch.stack(tiles), int(p['label'][0])
 
-def rate(f, n, repeat=3):
-    "Best items/s of `repeat` runs of `f(n)`."
-    best = 0.
+REPEAT = 3
+
+def rate(f, n, repeat=None):
+    "Best items/s of `repeat` (default `REPEAT`) runs of `f(n)`."
+    best, repeat = 0., repeat or REPEAT
     for _ in range(repeat):
         t = time.perf_counter(); f(n); best = max(best, n / (time.perf_counter() - t))
     return best
 
-def bench_builders(name, cfg, perms, raw, n):
+def bench_builders(name, cfg, perms, raw, n, B=256):
     imgs = [prepare_image(a, cfg) for a in raw]
     ours = PuzzleDataset(raw, cfg, perms, seed=0).preload()          # raw photos, prepared and cached once
     ref = ReferenceDataset(imgs, cfg, perms, seed=0)
@@ -73,7 +81,6 @@ def bench_builders(name, cfg, perms, raw, n):
     r_ref = rate(lambda n: [ref[k % L] for k in range(n)], n)
     dev = get_device('auto')
     stack = torch.as_tensor(np.stack(imgs)).to(dev)
-    B = 256
     def batched(n):
         rng = np.random.default_rng(0)
         for _ in range(max(1, n // B)):
@@ -87,10 +94,10 @@ def bench_builders(name, cfg, perms, raw, n):
           f'batched torch on {dev.type} {r_bat:,.0f}  (builder/reference = {r_ours / r_ref:.2f}x)')
     return r_ours / r_ref
 
-def bench_training(cfg, n_iter):
+def bench_training(cfg, n_iter, scale='default'):
     from kt_paper.data import read_class_folder, load_rgb
     from kt_paper.builtin import ensure_builtin_dataset
-    root = ensure_builtin_dataset(scale='default')
+    root = ensure_builtin_dataset(scale=scale)
     tr, va = read_class_folder(root/'objects', 'train').paths, read_class_folder(root/'objects', 'val').paths
     perms = permutation_set(cfg.n_perms, cfg.min_dist)
     dls = jigsaw_dataloaders(tr, va, cfg, perms, loader=load_rgb, seed=0)     # default loader settings
@@ -123,20 +130,26 @@ def bench_training(cfg, n_iter):
         dls.train.dataset.epoch += 1
     t_loop = time.perf_counter() - t
     bs = cfg.bs
-    print(f'[tiny training] {n_iter} iterations of {bs} puzzles, num_workers={nw}: model step alone '
+    print(f'[tiny training, built-in {scale}] {n_iter} iterations of {bs} puzzles, num_workers={nw}: model step alone '
           f'{n_iter*bs/t_model:,.0f} puzzles/s | with data loading {n_iter*bs/t_loop:,.0f} puzzles/s | '
           f'waiting for data {wait:.2f} s of {t_loop:.2f} s')
     return wait / t_loop
 
 if __name__ == '__main__':
+    ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    ap.add_argument('--quick', action='store_true', default=QUICK, help="fewer puzzles and iterations (also BENCH_QUICK=1)")
+    ap.add_argument('--smoke', action='store_true', help="toy sizes, seconds (tests/test_bench.py); numbers mean nothing")
+    a = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     info = environment_info()
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {info['torch']}, "
           f"cuda={info['cuda']}, cpu_bf16={info['cpu_bf16']} (shared machine: timings are noisy)")
-    raw = photos()
+    if a.smoke: print("smoke size: toy sizes that exercise the code paths; the numbers below mean nothing"); REPEAT = 1
+    sizes = (8, 8, 3, 'test', 16) if a.smoke else (300, 500, 10, 'default', 256) if a.quick else (1500, 3000, 40, 'default', 256)
+    raw = photos()[:3] if a.smoke else photos()
     pc, tc = JIGSAW_PRESETS['paper'], JIGSAW_PRESETS['tiny']
-    speed = bench_builders('paper 255/64', pc, permutation_set(pc.n_perms, pc.min_dist), raw, 300 if QUICK else 1500)
-    speed_t = bench_builders('tiny 63/16', tc, permutation_set(tc.n_perms, tc.min_dist), raw, 500 if QUICK else 3000)
-    overhead = bench_training(tc, 10 if QUICK else 40)
+    speed = bench_builders('paper 255/64', pc, permutation_set(pc.n_perms, pc.min_dist), raw, sizes[0], B=sizes[4])
+    speed_t = bench_builders('tiny 63/16', tc, permutation_set(tc.n_perms, tc.min_dist), raw, sizes[1], B=sizes[4])
+    overhead = bench_training(tc, sizes[2], scale=sizes[3])
     print(f'speedup: {speed:.2f}')
     print(f'data_overhead: {overhead:.3f}')
