@@ -19,9 +19,10 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
-## The main job: every stage notebook, in order, through papermill (default preset: tiny, offline, CPU).
+## The main job: every stage notebook, in order, through papermill (default preset: tiny, offline, CPU); it updates
+## the committed figures/<preset>/ (a plain `kt-paper reproduce` writes them under its run folder).
 reproduce: install
-	$(BIN)/kt-paper reproduce --preset $(PRESET) $(ARGS)
+	$(BIN)/kt-paper reproduce --preset $(PRESET) --fig-dir figures/$(PRESET) $(ARGS)
 
 ## The test command (what CI runs): clean notebooks, library in sync, README current, notebooks, then pytest.
 test: install gates nbtest pytest

@@ -270,7 +270,7 @@ def input_rates(paths:list, preset:str, n:int=200) -> dict:
 # %% ../nbs/24_rehearsal.ipynb #ebd68911
 def run_rehearsal(preset:str='paper',               # the preset whose configurations are rehearsed
                   data_root:str|Path|None=None,      # the datasets (see `rehearsal_roots`)
-                  fig_dir:str|Path|None=None,        # where the tables go (default `figures/<preset>-rehearsal`)
+                  fig_dir:str|Path|None=None,        # where the tables go (default `runs/<preset>-rehearsal`; the committed ones only when named)
                   steps:int=4,                       # steps per trainer (the first is not timed)
                   n_images:int=256,                  # images through each feature extractor
                   device='auto', seed:int=0,
@@ -281,7 +281,7 @@ def run_rehearsal(preset:str='paper',               # the preset whose configura
     from kt_paper.data import read_role
     from kt_paper.train import precision_policy
     t_start, device = time.time(), get_device(device)
-    fig_dir = Path(fig_dir) if fig_dir else (project_root() or Path('.'))/'figures'/f'{preset}-rehearsal'
+    fig_dir = Path(fig_dir) if fig_dir else (project_root() or Path('.'))/'runs'/f'{preset}-rehearsal'
     roots, source = rehearsal_roots(preset, data_root, seed)
     paths = [Path(p) for p in read_role('imagenet', roots['imagenet'], 'train').paths]
     tmp = Path(work) if work else Path(tempfile.mkdtemp(prefix='kt_rehearsal_'))

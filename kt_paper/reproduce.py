@@ -8,16 +8,16 @@ import argparse, ast, contextlib, dataclasses, json, logging, os, shutil, subpro
 from dataclasses import dataclass
 from pathlib import Path
 import kt_paper
-from .core import (PRESET_NAMES, environment_info, fingerprint, format_progress, load_json, pick_preset,
+from .core import (PRESET_NAMES, code_files, environment_info, fingerprint, format_progress, load_json, pick_preset,
                            project_root, save_json)
 from .settings import (DRIVER_PARAMS, STAGE_PRESETS, SettingsError, check_data_roles, data_roles,
                                describe_settings, parse_params, parse_settings, read_config, stage_presets)
 
 # %% auto #0
-__all__ = ['STAGES', 'Stage', 'notebooks_dir', 'find_stages', 'notebook_code', 'stage_key', 'prepare_notebook',
-           'notebook_parameters', 'parameter_defaults', 'environ', 'follow_progress', 'run_stage', 'is_done',
-           'git_commit', 'default_out_dirs', 'summary_table', 'reproduce', 'ensure_upstream', 'copy_notebooks',
-           'config_text', 'stages_text', 'main']
+__all__ = ['STAGES', 'DRIVER_MODULES', 'Stage', 'notebooks_dir', 'find_stages', 'notebook_code', 'stage_code', 'stage_inputs',
+           'inputs_key', 'stage_key', 'rerun_reason', 'prepare_notebook', 'notebook_parameters', 'parameter_defaults',
+           'environ', 'follow_progress', 'run_stage', 'stage_marker', 'is_done', 'git_commit', 'default_out_dirs',
+           'summary_table', 'reproduce', 'ensure_upstream', 'copy_notebooks', 'config_text', 'stages_text', 'main']
 
 # %% ../nbs/25_reproduce.ipynb #8c262754
 STAGES = (('data', '04_samples'), ('jigsaw', '11_pretext'), ('teachers', '12_teachers'), ('clustering', '14_clustering'),
@@ -49,9 +49,46 @@ def notebook_code(path:Path) -> list[str]:
     nb = json.loads(Path(path).read_text())
     return [''.join(c['source']) for c in nb['cells'] if c['cell_type'] == 'code']
 
-def stage_key(stage:Stage, params:dict, upstream:list[str]) -> str:
-    "The cache key of `stage` under `params` after the stages keyed `upstream`."
-    return fingerprint(stage.name, notebook_code(stage.notebook), params, upstream, kt_paper.__version__, n=16)
+DRIVER_MODULES = ('kt_paper.reproduce',)   # runs the stages; not followed into a stage's code
+
+def stage_code(stage:Stage) -> dict[str, str]:
+    "File -> digest of every kt_paper module `stage`'s notebook may run (its imports, transitively)."
+    return code_files(source='\n'.join(notebook_code(stage.notebook)), exclude=DRIVER_MODULES)
+
+# %% ../nbs/25_reproduce.ipynb #f1a22d7f
+def stage_inputs(stage:Stage,    # the stage
+                 params:dict,    # its papermill parameters
+                 upstream:dict   # name -> key of every stage before it
+                ) -> dict:
+    "What `stage`'s result depends on: its notebook's code, the kt_paper code it may run, its parameters, the stages before it."
+    return dict(notebook=fingerprint(notebook_code(stage.notebook), n=16), code=stage_code(stage), params=params,
+                upstream=dict(upstream))
+
+def inputs_key(stage:Stage, inputs:dict) -> str:
+    "The cache key of `stage` given its `stage_inputs`."
+    return fingerprint(stage.name, inputs, n=16)
+
+def stage_key(stage:Stage, params:dict, upstream:dict) -> str:
+    "The cache key of `stage` under `params` after the stages `upstream` (name -> key)."
+    return inputs_key(stage, stage_inputs(stage, params, upstream))
+
+# %% ../nbs/25_reproduce.ipynb #a3f21729
+def _changed(old:dict, new:dict) -> list[str]:
+    return sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+
+def rerun_reason(marker:dict|None, # the stage's last completion marker (None: it never finished here)
+                 inputs:dict       # `stage_inputs` now
+                ) -> str:
+    "Why a stage whose marker is `marker` must run again with `inputs`, in words."
+    if marker is None: return 'not run before in this folder'
+    old = marker.get('inputs')
+    if old is None: return 'its marker predates code fingerprints'
+    why = []
+    if files := _changed(old.get('code', {}), inputs['code']): why.append('code changed: ' + ', '.join(files))
+    if old.get('notebook') != inputs['notebook']: why.append('notebook changed')
+    if names := _changed(old.get('params', {}), inputs['params']): why.append('parameters changed: ' + ', '.join(names))
+    if names := _changed(old.get('upstream', {}), inputs['upstream']): why.append('re-run before it: ' + ', '.join(names))
+    return '; '.join(why) or 'inputs changed'
 
 # %% ../nbs/25_reproduce.ipynb #9cc0ff96
 _EXPORT_CALL = 'nbdev_' + 'export('   # spelt in two parts: nbdev-test skips any cell whose source names that call
@@ -121,7 +158,8 @@ def run_stage(stage:Stage, # the stage to run
               out:Path,    # the run folder
               key:str,     # the stage key, recorded in the completion marker
               log_output:bool=False, # stream cell output to the console
-              env:dict|None=None    # environment variables for the kernel (e.g. the data roles' folders)
+              env:dict|None=None,   # environment variables for the kernel (e.g. the data roles' folders)
+              inputs:dict|None=None # what the key was made from (`stage_inputs`), kept in the marker for `rerun_reason`
              ) -> dict:
     "Execute `stage`'s notebook with papermill; on success write its completion marker and return it."
     import papermill as pm
@@ -144,14 +182,18 @@ def run_stage(stage:Stage, # the stage to run
     finally: stop.set(); watcher.join()
     os.replace(running, dest)
     src.unlink(missing_ok=True)
-    marker = dict(stage=stage.name, key=key, seconds=round(time.time() - t0, 1), notebook=str(dest))
+    marker = dict(stage=stage.name, key=key, seconds=round(time.time() - t0, 1), notebook=str(dest), inputs=inputs)
     save_json(marker, out/'stages'/f'{stage.name}.json')
     return marker
 
+def stage_marker(stage:Stage, out:Path) -> dict|None:
+    "The completion marker of `stage` in run folder `out` (None if it never finished there)."
+    m = Path(out)/'stages'/f'{stage.name}.json'
+    return load_json(m) if m.exists() else None
+
 def is_done(stage:Stage, out:Path, key:str) -> bool:
     "Whether `stage` already finished in `out` with this `key`."
-    m = out/'stages'/f'{stage.name}.json'
-    return m.exists() and load_json(m).get('key') == key
+    return (stage_marker(stage, out) or {}).get('key') == key
 
 # %% ../nbs/25_reproduce.ipynb #b9a561e0
 def git_commit(path:Path|None=None) -> str|None:
@@ -162,12 +204,10 @@ def git_commit(path:Path|None=None) -> str|None:
     except Exception: return None
 
 def default_out_dirs(preset:str, out:str|Path|None=None, fig_dir:str|Path|None=None) -> tuple[Path, Path]:
-    "The run folder (`runs/<preset>`) and figures folder (`figures/<preset>` in a checkout, else `<out>/figures`)."
+    "The run folder (`out`, default `runs/<preset>`) and its figures folder (`fig_dir`, default `<run folder>/figures`)."
     root = project_root(Path(kt_paper.__file__).parent)
-    base = root or Path.cwd()
-    out = Path(out) if out else base/'runs'/preset
-    fig = Path(fig_dir) if fig_dir else (root/'figures'/preset if root else out/'figures')
-    return out.resolve(), fig.resolve()
+    out = Path(out) if out else (root or Path.cwd())/'runs'/preset
+    return out.resolve(), (Path(fig_dir) if fig_dir else out/'figures').resolve()
 
 # %% ../nbs/25_reproduce.ipynb #f9726f44
 def summary_table(manifest:dict) -> str:
@@ -223,26 +263,28 @@ def reproduce(preset:str='tiny',          # one of test, tiny, small, paper
                     settings=settings, kt_paper=kt_paper.__version__,
                     git_commit=git_commit(project_root(Path(kt_paper.__file__).parent)),
                     environment=environment_info(), started=time.strftime('%Y-%m-%dT%H:%M:%S%z'), stages={})
-    upstream, t_all = [], time.time()
+    upstream, t_all = {}, time.time()
     for i, st in enumerate(stages, 1):
         p = dict(base, **({'OVERRIDES': json.dumps(overrides[st.name], sort_keys=True)} if overrides.get(st.name) else {}),
                  **params.get(st.name, {}))
-        key = stage_key(st, dict(p, data_roles=data) if data and i == 1 else p, upstream); upstream.append(key)
+        inputs = stage_inputs(st, dict(p, data_roles=data) if data and i == 1 else p, upstream)
+        key = upstream[st.name] = inputs_key(st, inputs)
         head = f'[{i}/{len(stages)}] {st.name:<11}'
         if only and st.name != only: continue
         if not force and is_done(st, out, key):
             print(f'{head} cached ({key})', flush=True)
-            manifest['stages'][st.name] = dict(load_json(out/'stages'/f'{st.name}.json'), cached=True)
+            manifest['stages'][st.name] = dict(stage_marker(st, out), cached=True)
             continue
-        print(f'{head} running {st.notebook.name} ...', flush=True)
-        try: marker = run_stage(st, p, out, key, log_output, env)
+        why = 'forced' if force else rerun_reason(stage_marker(st, out), inputs)
+        print(f'{head} running {st.notebook.name} ({why}) ...', flush=True)
+        try: marker = run_stage(st, p, out, key, log_output, env, inputs)
         except Exception as e:
             manifest['stages'][st.name] = dict(key=key, failed=f'{type(e).__name__}: {str(e)[:2000]}')
             save_json(manifest, out/'manifest.json')
             print(f'{head} FAILED: see {out}/notebooks/{st.notebook.stem}.failed.ipynb', flush=True)
             raise
         print(f'{head} done in {marker["seconds"]:.1f} s', flush=True)
-        manifest['stages'][st.name] = dict(marker, cached=False)
+        manifest['stages'][st.name] = dict(marker, cached=False, reason=why)
     if not report:
         manifest['seconds'] = round(time.time() - t_all, 1)
         save_json(manifest, out/'manifest.json')
@@ -311,7 +353,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument('--data', action='append', default=[], metavar='ROLE=PATH',
                    help='a folder of your own for one data role: imagenet, places, voc07 or voc12 (repeatable)')
     r.add_argument('--out', default=None, help='run folder (default runs/<preset>)')
-    r.add_argument('--fig-dir', default=None, help='figures folder (default figures/<preset> in a checkout)')
+    r.add_argument('--fig-dir', default=None, help='tables and figures folder (default <out>/figures; name figures/<preset> to update the committed ones)')
     r.add_argument('--seed', type=int, default=0)
     r.add_argument('--device', default='auto')
     r.add_argument('--gpus', type=int, default=1, help='processes for training stages (DDP when > 1)')
@@ -321,7 +363,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument('--nbs-path', default=None, help="the stage notebooks' folder (default: the checkout's nbs/ or the package's)")
     r.add_argument('--rehearse', action='store_true',
                    help="instead of the run: every stage for a few steps at the preset's real sizes, measured and projected "
-                        "to the full run (rehearsal.md/.csv/.json in --fig-dir, default figures/<preset>-rehearsal)")
+                        "to the full run (rehearsal.md/.csv/.json in --fig-dir, default runs/<preset>-rehearsal)")
     r.add_argument('--rehearse-steps', type=int, default=4, help='steps per trainer in a rehearsal (the first is not timed)')
     _add_settings_args(r)
     r.add_argument('-p', '--param', action='append', default=[], metavar='[STAGE.]NAME=VALUE',

@@ -1,9 +1,11 @@
 """The papermill driver: end to end on the real stage notebooks (test preset), caching, resume and failure paths."""
-import json
+import json, os, re, shutil, subprocess, sys
 from pathlib import Path
 import pytest
 from kt_paper.reproduce import find_stages, reproduce, main, STAGES
 from kt_paper.core import load_json
+
+ROOT = Path(__file__).resolve().parents[1]
 
 def _toy_nb(path, body):
     cells = [dict(cell_type='code', metadata=dict(tags=['parameters']), outputs=[], execution_count=None,
@@ -42,19 +44,39 @@ def test_cli_rejects_unknown_stage(tmp_path, capsys):
         reproduce('tiny', out=tmp_path/'run', nbs_path=nbs, only='student')
     with pytest.raises(SystemExit): main(['reproduce', '--preset', 'nope'])
 
-def test_pipeline_end_to_end_test_preset(tmp_path, monkeypatch):
-    "Every real stage notebook runs through papermill at the `test` preset; a second run is fully cached."
-    monkeypatch.setenv('IN_TEST', '1')
-    m = reproduce('test', out=tmp_path/'run', fig_dir=tmp_path/'fig')
+def _kt_paper(args, env, cwd):
+    "Run the `kt-paper` command line in a subprocess; return its console output (fails the test on a non-zero exit)."
+    r = subprocess.run([sys.executable, '-c', 'from kt_paper.reproduce import main; main()', *args], env=env, cwd=cwd,
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return r.stdout
+
+def test_pipeline_end_to_end_and_code_changes(tmp_path):
+    """Every real stage notebook runs through papermill at the `test` preset from a copy of the package; a second run is
+    fully cached; an edit of a module the clustering stage runs (not its notebook) re-runs clustering and every later
+    stage, with the reason printed, and leaves data, jigsaw and teachers cached. Figures go under the run folder."""
+    site = tmp_path/'site'; shutil.copytree(ROOT/'kt_paper', site/'kt_paper', ignore=shutil.ignore_patterns('__pycache__'))
+    env = dict(os.environ, PYTHONPATH=str(site), IN_TEST='1')
+    run, args = tmp_path/'run', ['reproduce', '--preset', 'test', '--out', str(tmp_path/'run'), '--nbs-path', str(ROOT/'nbs')]
+    out1 = _kt_paper(args, env, tmp_path)
     stages = [s.name for s in find_stages()]
-    assert list(m['stages']) == stages
-    for s in find_stages(): assert (tmp_path/'run'/'notebooks'/s.notebook.name).exists()
-    man = load_json(tmp_path/'run'/'manifest.json')
-    assert man['preset'] == 'test' and man['environment']['torch']
-    assert load_json(tmp_path/'fig'/'run_manifest.json')['stages'] == man['stages']   # the figures say which run made them
-    assert "(preset `test`)" in (tmp_path/'fig'/'claims.md').read_text()   # written before the run's manifest exists
-    m2 = reproduce('test', out=tmp_path/'run', fig_dir=tmp_path/'fig')
-    assert all(v['cached'] for v in m2['stages'].values())
+    man = load_json(run/'manifest.json')
+    assert list(man['stages']) == stages and not any(v['cached'] for v in man['stages'].values()), out1
+    assert man['environment']['python'] and 'kt_paper/kmeans.py' in man['stages']['clustering']['inputs']['code']
+    for s in find_stages(): assert (run/'notebooks'/s.notebook.name).exists()
+    fig = run/'figures'   # --out without --fig-dir: the tables follow the run
+    assert load_json(fig/'run_manifest.json')['stages'] == man['stages']   # the figures say which run made them
+    assert "(preset `test`)" in (fig/'claims.md').read_text()
+    assert not (ROOT/'figures'/'test').exists()
+    out2 = _kt_paper(args, env, tmp_path)
+    assert all(v['cached'] for v in load_json(run/'manifest.json')['stages'].values()), out2
+    km = site/'kt_paper'/'kmeans.py'; km.write_text(km.read_text() + '\n# an edit that changes no behaviour\n')
+    out3 = _kt_paper(args, env, tmp_path)
+    cached = {n: v['cached'] for n, v in load_json(run/'manifest.json')['stages'].items()}
+    assert cached == dict(data=True, jigsaw=True, teachers=True, clustering=False, student=False, evaluation=False,
+                          transfer=False), out3
+    assert re.search(r'clustering\s+running 14_clustering.ipynb \(code changed: kt_paper/kmeans.py\)', out3), out3
+    assert re.search(r'evaluation\s+running 16_probes.ipynb \(.*re-run before it: clustering, student', out3), out3
 
 
 def test_papermill_reads_every_stage_parameter():
