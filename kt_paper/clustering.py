@@ -8,7 +8,7 @@ import csv, dataclasses
 from pathlib import Path
 from typing import NamedTuple
 import numpy as np
-from .core import pick_preset, save_json, load_json, save_array, atomic_path, fingerprint
+from .core import code_digest, pick_preset, save_json, load_json, save_array, atomic_path, fingerprint
 from .kmeans import Preprocessing, fit_preprocessing, apply_preprocessing, assign, kmeans
 
 # %% auto #0
@@ -193,7 +193,7 @@ def cluster_teacher_features(feat_dir,              # <out>/features/<teacher>
     from kt_paper.teachers import load_features
     feat_dir, out_dir = Path(feat_dir), Path(out_dir)
     x, man = load_features(feat_dir/f'{train}.npy')
-    key = fingerprint(cfg, seed, man.get('fingerprint'))
+    key = fingerprint(cfg, seed, man.get('fingerprint'), code_digest('kt_paper.clustering'))   # a fix in k-means makes new clusters
     cdir = out_dir/f'{train}-k{cfg.k}-{key}'
     reused = (cdir/'clusters.json').exists()
     if not reused:

@@ -14,10 +14,10 @@ import torch.nn.functional as F
 from PIL import Image
 from .nets import cut_at
 from .images import InputNorm, imagenet_normalize, resize_centre_crop
-from .train import adam, autocast_for, digest, fit, image_ids, one_cycle, one_cycle_mom
+from .train import adam, autocast_for, digest, fit, image_ids, model_digest, one_cycle, one_cycle_mom
 from .data import load_rgb
 from fastai.callback.schedule import ParamScheduler
-from .core import (pick_preset, get_device, default_num_workers, save_json, load_json, fingerprint, seed_everything, save_checkpoint, load_checkpoint, pin_mmap_threshold, progress)
+from .core import (code_digest, pick_preset, get_device, default_num_workers, save_json, load_json, fingerprint, seed_everything, save_checkpoint, load_checkpoint, pin_mmap_threshold, progress)
 
 # %% auto #0
 __all__ = ['TEACHER_PRESETS', 'IMAGE_SETS', 'TeacherConfig', 'Teacher', 'hog_dim', 'HOGTeacher', 'hog_teacher', 'pool_features',
@@ -141,7 +141,7 @@ class CNNTeacher(Teacher):
         return pool_features(f.float(), self.pool, self.pool_grid)
     def describe(self):
         return dict(name=self.name, image_size=self.image_size, pool=self.pool, pool_grid=self.pool_grid,
-                    normalise=self.normalise, scale=self.scale, **self.info,
+                    normalise=self.normalise, scale=self.scale, **self.info, weights_digest=model_digest(self.features),
                     **({} if self.colour == 'rgb' else dict(colour=self.colour)))   # rgb unnamed: earlier runs' caches stay valid
 
 # %% ../nbs/12_teachers.ipynb #f74c705c
@@ -288,7 +288,7 @@ def extract_features(teacher:Teacher,          # what computes the features
     if dtype not in ('float32', 'float16'): raise ValueError(f"dtype must be 'float32' or 'float16', not {dtype!r}")
     root = Path(root) if root is not None else Path(os.path.commonpath([str(p.parent) for p in paths]) if paths else '.')
     ids = [str(p.relative_to(root)) if p.is_relative_to(root) else str(p) for p in paths]
-    key = fingerprint(teacher.describe(), str(root.resolve()), ids, dtype)  # a regenerated dataset lives under a new root
+    key = fingerprint(teacher.describe(), str(root.resolve()), ids, dtype, code_digest('kt_paper.teachers'))  # a regenerated dataset lives under a new root
     if manifest_path(out_path).exists() and load_json(manifest_path(out_path)).get('fingerprint') == key: return out_path
     teacher.to(device)
     n, d = len(paths), teacher.dim
@@ -365,7 +365,7 @@ def supervised_trunk(images,             # `ImageSet`: training images and their
     "The trunk of `train_supervised_teacher` on `images`, saved to `path`; reused from `path` when made the same way."
     from kt_paper.nets import build_cfn
     path = Path(path)
-    key = fingerprint(cfg.image_size, epochs, seed, build_args, digest(image_ids(images.paths)), digest(images.labels),
+    key = fingerprint(cfg.image_size, epochs, seed, build_args, digest(image_ids(images.paths)), digest(images.labels), code_digest('kt_paper.teachers'),
                       *(() if cfg.colour == 'rgb' else (cfg.colour,)))   # rgb unnamed: earlier trunks stay valid
     if path.exists():
         sd, meta = load_checkpoint(path)

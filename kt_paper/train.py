@@ -24,7 +24,7 @@ from .distributed import world_info
 # %% auto #0
 __all__ = ['PRECISIONS', 'Precision', 'precision_policy', 'PrecisionCallback', 'to_channels_last_', 'autocast_for', 'step_lr',
            'one_cycle', 'one_cycle_mom', 'ForeachOptimizer', 'sgd', 'adam', 'EpochSeed', 'digest', 'image_ids',
-           'model_digest', 'Checkpoint', 'History', 'checkpoint_state', 'resume', 'ProgressEvents',
+           'model_digest', 'Checkpoint', 'History', 'checkpoint_state', 'resume_checkpoint', 'ProgressEvents',
            'dispatch_to_listeners', 'fit', 'process_batch_size']
 
 # %% ../nbs/06_train.ipynb #a7829cdb
@@ -231,7 +231,7 @@ def checkpoint_state(folder:str|Path) -> dict|None:
     f = Path(folder)/'last_state.json'
     return load_json(f) if f.exists() else None
 
-def resume(learn:Learner, folder:str|Path, fingerprint:str|None=None, verbose:bool=True) -> int:
+def resume_checkpoint(learn:Learner, folder:str|Path, fingerprint:str|None=None, verbose:bool=True) -> int:
     "Load `folder`'s checkpoint into `learn` (model + optimiser) if its fingerprint matches; return the epochs done."
     folder, st = Path(folder), checkpoint_state(folder)
     if st is None: return 0
@@ -291,11 +291,22 @@ def dispatch_to_listeners(learn:Learner) -> Learner:
     learn._call_one = MethodType(_call_listeners, learn)
     return learn
 
+# %% ../nbs/06_train.ipynb #e8443104
+def _start_epoch(learn:Learner, folder:Path, fingerprint:str|None, resume:bool, verbose:bool=True) -> int:
+    "The epoch `fit` starts at: the checkpoint's when its fingerprint matches (or `resume` and no fingerprint), else 0."
+    if fingerprint is None and not resume:
+        if checkpoint_state(folder) is not None and verbose:
+            print(f"{folder}: a checkpoint is there, but this fit has no fingerprint (pass `fingerprint=`, or `resume=True` "
+                  "to resume it anyway); training from scratch")
+        return 0
+    return resume_checkpoint(learn, folder, fingerprint, verbose)
+
 # %% ../nbs/06_train.ipynb #dcc1ed08
 def fit(learn:Learner,                 # the model, data, loss and optimiser
         n_epoch:int,                   # total epochs of the run
         folder:str|Path|None=None,     # checkpoints + `history.csv` (None: neither)
-        fingerprint:str|None=None,     # what the run was made from (see `resume`)
+        fingerprint:str|None=None,     # what the run was made from: a checkpoint is resumed only if it matches
+        resume:bool=False,             # with no `fingerprint`: resume whatever checkpoint `folder` holds
         main:bool=True,                # this process writes (False on DDP ranks > 0)
         quiet:bool|None=None,          # no progress bar / table (default: under test, and when not `main`)
         precision:str|None=None,       # see `precision_policy`
@@ -310,7 +321,7 @@ def fit(learn:Learner,                 # the model, data, loss and optimiser
     if main: cbs.append(ProgressEvents(name or (Path(folder).name if folder is not None else type(getattr(learn.model, 'module', learn.model)).__name__)))
     if folder is not None:
         folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)
-        start = resume(learn, folder, fingerprint, verbose=main)
+        start = _start_epoch(learn, folder, fingerprint, resume, verbose=main)
         if main: cbs += [Checkpoint(folder, fingerprint), History(folder/'history.csv', start)]
     if start >= n_epoch: return start
     quiet = (in_test() or not main) if quiet is None else quiet
