@@ -11,11 +11,13 @@ from .core import atomic_path
 
 # %% auto #0
 __all__ = ['NOT_GIVEN', 'NOT_RECOVERED', 'PAPER', 'MODEL_ROWS', 'DOMAIN_NAMES', 'PROBE_SETS', 'K_PATTERN', 'DOMAIN_PATTERN',
-           'CLAIMS', 'CLAIM_COLUMNS', 'STUDENT_LABELS', 'TRANSFER_COLUMNS', 'position', 'ComparisonTable',
-           'markdown_table', 'csv_table', 'write_table', 'to_markdown', 'to_csv', 'to_latex', 'write_comparison',
-           'paper_table', 'cls_map', 'collect_results', 'claim_margin', 'claims', 'write_claims', 'noise_of_run',
-           'seed_spread', 'run_preset', 'write_report', 'student_label', 'transfer_rows', 'describe_setup',
-           'transfer_cell', 'write_transfer_table', 'ablation_students', 'k_ablation_rows', 'domain_ablation_rows']
+           'CLAIMS', 'CLAIM_STATUSES', 'NOISE_FILES', 'CLAIM_COLUMNS', 'STUDENT_LABELS', 'TRANSFER_COLUMNS', 'position',
+           'ComparisonTable', 'markdown_table', 'csv_table', 'write_table', 'to_markdown', 'to_csv', 'to_latex',
+           'write_comparison', 'paper_table', 'voc_protocols', 'probe_recipe', 'cls_map', 'collect_results',
+           'claim_margin', 'claim_status', 'claim_tables', 'claim_noise', 'claims', 'read_noise', 'noise_of_run',
+           'noise_note', 'write_claims', 'seed_spread', 'plain_jigsaw_note', 'run_preset', 'write_report',
+           'student_label', 'transfer_rows', 'describe_setup', 'transfer_cell', 'write_transfer_table',
+           'ablation_students', 'k_ablation_rows', 'domain_ablation_rows']
 
 # %% ../nbs/21_report.ipynb #a6ede1a0
 NOT_GIVEN, NOT_RECOVERED = '—', 'n/r'
@@ -192,12 +194,51 @@ DOMAIN_PATTERN = re.compile(r'^cc_(?P<teacher>.+?)_(?P<clustered>[A-Za-z0-9]+)-(
 
 def _row(name:str) -> str: return MODEL_ROWS.get(name, name)
 
-def _setup(d:dict, what:str) -> str:
+def _setup(d:dict, what:str, last:str='epoch') -> str:
     bits = [f"preset `{d.get('preset', '?')}`", f"seed {d.get('seed', '?')}"]
     if d.get('data'): bits.append(f"data `{Path(d['data']).name}`")
-    return f'Ours: {what}; ' + ', '.join(bits) + '; final epoch.'
+    return f'Ours: {what}; ' + ', '.join(bits) + f'; final {last}.'
+
+# %% ../nbs/21_report.ipynb #117c8e53
+def _one(rs:list, key:str, fmt=str) -> str|None:
+    vals = list(dict.fromkeys(fmt(r[key]) for r in rs if r.get(key) is not None))
+    return ' / '.join(vals) if vals else None
+
+def voc_protocols(results:dict  # protocol ('cls', 'det_ss', 'det_ms', 'seg') -> the result dicts of the table's cells
+                 ) -> str:
+    "What the VOC cells are, from their results: metric, splits, crops or views, steps; only the protocols present."
+    parts, split = [], lambda rs: f"{_one(rs, 'train_split') or '?'} → {_one(rs, 'test_split') or '?'}"
+    if rs := results.get('cls'):
+        crop = _one(rs, 'crop', lambda c: f'{c}-px crops')
+        parts.append(f"VOC07 classification {_one(rs, 'metric') or '11-point'} mAP ({split(rs)}" + (f", {crop}" if crop else '') +
+                     (f", {_one(rs, 'iters')} steps" if _one(rs, 'iters') else '') + ')')
+    if rs := results.get('det_ss', []) + results.get('det_ms', []):
+        parts.append(f"VOC07 detection 11-point mAP at IoU 0.5 ({split(rs)}" + (f", {_one(rs, 'iters')} steps" if _one(rs, 'iters') else '') + ')')
+    if rs := results.get('seg'):
+        left = rs[0].get('excluded_from_train') or 0   # the same split for every student
+        view = _one(rs, 'crop', lambda c: 'whole images' if c is None else f'{c}-px crops')
+        view = view or ('whole images' if any('crop' in r and r['crop'] is None for r in rs) else None)
+        parts.append(f"VOC12 segmentation mIoU over 21 classes ({split(rs)}" +
+                     (f"; {left} training images that are also in {_one(rs, 'test_split')} left out of training" if left else '') +
+                     (f"; {_one(rs, 'head')} FCN-32s head" if _one(rs, 'head') else '') + (f", {view}" if view else '') +
+                     (f", {_one(rs, 'iters')} steps" if _one(rs, 'iters') else '') + ')')
+    return ', '.join(parts) or 'no VOC protocol run'
+
 
 # %% ../nbs/21_report.ipynb #2ec185ab
+def probe_recipe(kind:str,           # 'linear' or 'nonlinear'
+                 cfg:dict|None        # the `ProbeConfig` the probes JSON records (`config`), or None (older runs)
+                ) -> str:
+    "The crops and schedule of a probe table, in words, from its recorded config."
+    if not cfg: return 'crops and schedule not recorded'
+    ms = lambda m: f"lr ÷10 at epochs {', '.join(map(str, m))}" if m else 'constant lr'
+    crops = f"{cfg['crop']}-px random crops, mirrored, of {cfg['resize']}-px images (centre crop at test)"
+    if kind == 'linear':
+        return (f"{crops}; each frozen conv map {'average-pooled' if cfg.get('pool') == 'avg' else 'bilinearly resized'} to Zhang "
+                f"et al.'s grid, then BN and one linear layer; {cfg['lin_epochs']} epochs × batch {cfg['bs']}, lr {cfg['lin_lr']}, {ms(cfg['lin_milestones'])}")
+    return (f"{crops}; layers above the cut re-initialised and trained; {cfg['nl_epochs']} epochs × batch "
+            f"{cfg.get('nl_bs') or cfg['bs']}, lr {cfg['nl_lr']}, {ms(cfg['nl_milestones'])}")
+
 def _probe_results(out:Path) -> dict:
     res = {}
     for table, (kind, sets) in PROBE_SETS.items():
@@ -206,7 +247,7 @@ def _probe_results(out:Path) -> dict:
             if not f.exists(): continue
             d = json.loads(f.read_text())
             ours = {(_row(m), layer): 100 * v for m, layers in d['top1'].items() for layer, v in layers.items() if v is not None}
-            res[table] = (ours, _setup(d, f'{kind} probes on `{s}`, top-1 on its val split'))
+            res[table] = (ours, _setup(d, f"{kind} probes on `{s}`, trained on its train split, top-1 on its val split; {probe_recipe(kind, d.get('config'))}"))
             break
     return res
 
@@ -215,18 +256,18 @@ def cls_map(r:dict, use_07:bool=True) -> float:
     return r['map'] if 'map' in r else r['map_11pt' if use_07 else 'map_allpt']
 
 def _transfer_results(out:Path) -> dict:
-    voc, ks, dom, meta = {}, {}, {}, {}
+    voc, ks, dom, meta, used = {}, {}, {}, {}, {}
     cols = dict(cls=('cls', 'map'), det_ss=('det SS', 'map_11pt'), det_ms=('det MS', 'map_11pt'), seg=('seg', 'miou'))
-    cls_metrics = set()
     for d in sorted((out/'transfer').glob('*/')) if (out/'transfer').is_dir() else []:
         if '@' in d.name: continue     # real-data smoke runs (`<student>@<dataset>`) are not table rows
         for proto, (col, key) in cols.items():
             f = d/f'{proto}.json'
             if not f.exists(): continue
-            r = json.loads(f.read_text()); meta = {k: r.get(k) for k in ('preset', 'seed')}
+            r = json.loads(f.read_text())
+            if r.get('preset') is not None: meta = {k: r.get(k) for k in ('preset', 'seed')}
             v = cls_map(r) if proto == 'cls' else r.get(key)
-            if proto == 'cls': cls_metrics.add(r.get('metric', '11-point'))
             if v is None or (isinstance(v, float) and math.isnan(v)): continue
+            used.setdefault('cls' if proto == 'cls' else proto, []).append(r)
             if (m := K_PATTERN.match(d.name)) and proto == 'cls': ks[(m['teacher'], int(m['k']))] = 100 * v
             elif (m := DOMAIN_PATTERN.match(d.name)) and proto == 'cls':
                 dom[(DOMAIN_NAMES.get(m['clustered'], m['clustered']), DOMAIN_NAMES.get(m['labelled'], m['labelled']))] = 100 * v
@@ -237,9 +278,10 @@ def _transfer_results(out:Path) -> dict:
         if mk: ks.setdefault(('jigsaw', mk[0]), main)
         dom.setdefault(('ImageNet', 'ImageNet'), main)
     res = {}
-    note = _setup(meta, f"VOC07 cls {'/'.join(sorted(cls_metrics)) or '11-point'} mAP, det 11-point mAP, on test after fine-tuning on trainval, "
-                        "VOC12 seg mIoU on val (see `transfer_voc.md` for crops and schedules)")
-    abl = _setup(meta, 'VOC07 classification 11-point mAP on test after fine-tuning on trainval (see `transfer_voc.md`); the main CC+Jigsaw++ student fills its own k and ImageNet / ImageNet')
+    see = '; crops and schedules in full: `transfer_voc.md`'
+    note = _setup(meta, voc_protocols(used) + see, 'step')
+    abl = _setup(meta, voc_protocols({'cls': used.get('cls', [])}) + see +
+                 '; the main CC+Jigsaw++ student fills its own k and ImageNet / ImageNet', 'step')
     if voc: res['voc'] = (voc, note)
     if ks: res['clusters'] = ({('CC+Jigsaw++', f'k={k}'): v for (t, k), v in sorted(ks.items()) if t == 'jigsaw'}, abl)
     if dom: res['domain'] = ({(f'{c} / {l}', 'mAP'): v for (c, l), v in dom.items()}, abl)
@@ -286,45 +328,115 @@ def claim_margin(claim:dict, values:dict) -> float|None:
     same = _num(v.get(('ImageNet / ImageNet', 'mAP'))); cross = [_num(x) for (r, _), x in v.items() if r != 'ImageNet / ImageNet' and _num(x) is not None]
     return same - sum(cross) / len(cross) if same is not None and cross else None
 
-def claims(results:dict,             # `{table: {(row, col): value}}`, ours (`collect_results` without the notes)
-           preset:str,               # the run's preset
-           noise:float|None=None     # seed-to-seed spread in points (`noise_of_run`); None: not measured
+
+# %% ../nbs/21_report.ipynb #f26145c9
+CLAIM_STATUSES = ('held', 'within the noise', 'not held', 'held (noise not measured)', 'not measured at this preset')
+
+def claim_status(kind:str,             # a `CLAIMS` kind: 'greater', 'domain', 'similar' or 'spread'
+                 margin:float|None,    # the run's margin (`claim_margin`); None: not measured
+                 noise:float|None,     # the noise of the tables the claim reads, in their points; None: not measured
+                 tol:float|None=None   # 'similar' / 'spread': how far from equal still counts as equal
+                ) -> str:
+    "One of `CLAIM_STATUSES`: the margin's side decides held or not held; the noise decides held or within the noise."
+    if margin is None: return 'not measured at this preset'
+    if kind in ('greater', 'domain'): right, room = margin > 0, margin             # room: how far past the claim's line
+    elif kind in ('similar', 'spread'): right, room = abs(margin) <= tol, tol - abs(margin)
+    else: raise ValueError(f"unknown claim kind {kind!r}")
+    if not right: return 'not held'
+    if noise is None: return 'held (noise not measured)'
+    return 'held' if room > noise else 'within the noise'
+
+# %% ../nbs/21_report.ipynb #1937a760
+def claim_tables(claim:dict) -> set:
+    "The tables a claim of `CLAIMS` reads."
+    return {t for t, *_ in claim['cells']} if 'cells' in claim else {claim['table']}
+
+def claim_noise(claim:dict,                   # a claim of `CLAIMS`
+                noise:float|dict|None=None    # `{table: points}` (`noise_of_run`), one number for every table, or None
+               ) -> float|None:
+    "The noise `claim`'s margin is judged against: the largest of its tables', None if any of them has none."
+    if noise is None or isinstance(noise, (int, float)): return noise
+    ns = [noise.get(t) for t in claim_tables(claim)]
+    return None if any(n is None for n in ns) else max(ns)
+
+# %% ../nbs/21_report.ipynb #d9d63915
+def claims(results:dict,                 # `{table: {(row, col): value}}`, ours (`collect_results` without the notes)
+           preset:str,                   # the run's preset
+           noise:float|dict|None=None    # `{table: points}` (`noise_of_run`), one number for every table, or None: not measured
           ) -> list[dict]:
-    "One row per claim of `CLAIMS`: the run's margin, the paper's, held / not held / not measured, and whether beyond the noise."
+    "One row per claim of `CLAIMS`: the run's margin, the paper's, the noise it is judged against and its status (`claim_status`)."
     paper = {t: {k: v for k, v in spec['values'].items()} for t, spec in PAPER.items()}
     out = []
     for c in CLAIMS:
-        m, pm = claim_margin(c, results), claim_margin(c, paper)
-        if m is None: status = 'not measured at this preset'
-        elif c['kind'] == 'greater' or c['kind'] == 'domain': status = 'held' if m > 0 else 'not held'
-        else: status = 'held' if abs(m) <= max(c['tol'], noise or 0) else 'not held'
-        beyond = ('' if m is None else 'noise not measured' if noise is None else 'yes' if abs(m) > noise else 'no')
+        m, pm, n = claim_margin(c, results), claim_margin(c, paper), claim_noise(c, noise)
         out.append(dict(id=c['id'], claim=c['claim'], ours=None if m is None else round(m, 2), paper=None if pm is None else round(pm, 2),
-                        status=status, beyond_noise=beyond, noise=noise, preset=preset))
+                        noise=None if m is None or n is None else round(n, 2), status=claim_status(c['kind'], m, n, c.get('tol')), preset=preset))
     return out
 
-CLAIM_COLUMNS = dict(id='#', claim='claim', ours='margin (ours)', paper='margin (paper)', status='status', beyond_noise='beyond the noise')
+# %% ../nbs/21_report.ipynb #4b5bd758
+NOISE_FILES = ('noise.json', 'transfer/noise.json')   # under the run folder: the evaluation stage's, a transfer stage's
 
-def write_claims(rows:list[dict], fig_dir:str|Path, preset:str) -> list[Path]:
+def _probe_table(kind:str, pset:str) -> str|None:
+    return next((t for t, (k, sets) in PROBE_SETS.items() if k == kind and pset in sets), None)
+
+def read_noise(out:str|Path) -> dict|None:
+    "The run's noise records merged: `{'tables': {table: points}, 'measures': [what each number is]}`; None if it measured none."
+    tables, measures = {}, []
+    for name in NOISE_FILES:
+        f = Path(out)/name
+        if not f.exists(): continue
+        d = json.loads(f.read_text())
+        t = d.get('tables') or ({_probe_table('linear', d.get('probe_set', 'objects')): d['points']} if 'points' in d else {})
+        tables.update({k: float(v) for k, v in t.items() if k is not None and v is not None})
+        if d.get('measure') or d.get('note'): measures.append(d.get('measure') or d.get('note'))
+    return dict(tables=tables, measures=measures) if tables else None
+
+def noise_of_run(out:str|Path) -> dict|None:
+    "`{table: noise in points}` of the run in `out` (`read_noise`), or None."
+    n = read_noise(out)
+    return n['tables'] if n else None
+
+def noise_note(out:str|Path) -> str:
+    "What the run's noise is, in words, for a caption: each table's number and how it was measured."
+    n = read_noise(out)
+    if not n: return 'not measured (one seed): every status on the right side says "held (noise not measured)".'
+    nums = ', '.join(f'`{t}` {v:.2f} points' for t, v in sorted(n['tables'].items()))
+    return f"{nums} ({'; '.join(n['measures']) or 'how: not recorded'}); the other tables: not measured."
+
+# %% ../nbs/21_report.ipynb #23cd50bc
+CLAIM_COLUMNS = dict(id='#', claim='claim', ours='margin (ours)', paper='margin (paper)', noise='noise', status='status')
+
+_STATUS_NOTE = ("Status: **held** when the margin is on the claim's side of its line (0, or for \"~\" and spread claims the "
+                "tolerance) by more than the noise of the tables it reads; **within the noise** when on that side by no more than "
+                "the noise; **not held** when on the other side; **held (noise not measured)** when on that side in a run that "
+                "measured no noise for those tables.")
+
+def write_claims(rows:list[dict], fig_dir:str|Path, preset:str,
+                 noise:str=''   # what the noise is, in words (`noise_note`)
+                ) -> list[Path]:
     "`claims.md` (with its caption) and `claims.csv` under `fig_dir`."
-    noise = rows[0]['noise'] if rows else None
     cap = (f"### The paper's claims, checked on this run (preset `{preset}`)\n\nMargins in points of the table each claim reads "
            f"(linear-probe top-1, VOC mAP), ours and the paper's on the same comparison; at presets other than `paper` the data "
-           f"and scale differ, so a margin's sign is what compares. Seed-to-seed noise: "
-           + (f"{noise:.2f} points (largest difference between two seeds on the key rows)." if noise is not None else "not measured (one seed)."))
+           f"and scale differ, so a margin's side is what compares. {_STATUS_NOTE} Noise: {noise or 'not given.'}")
+    fmt = lambda k, v: '—' if v is None else f'{v:+.2f}' if k in ('ours', 'paper') else f'{v:.2f}' if k == 'noise' else str(v)
     stem = Path(fig_dir)/'claims'
-    write_table(rows, CLAIM_COLUMNS, stem, cap, fmt=lambda k, v: '—' if v is None else f'{v:+.2f}' if k in ('ours', 'paper') else str(v))
+    write_table(rows, CLAIM_COLUMNS, stem, cap, fmt=fmt)
     return [stem.with_name('claims.md'), stem.with_name('claims.csv')]
-
-def noise_of_run(out:str|Path) -> float|None:
-    "The seed-to-seed spread recorded in `<out>/noise.json` (`{'points': ...}`), or None."
-    f = Path(out)/'noise.json'
-    return float(json.loads(f.read_text())['points']) if f.exists() else None
 
 def seed_spread(a:dict, b:dict, table:str='linear_imagenet', rows=('Random', 'CC+Jigsaw++', 'CC+HOG', 'CC+Random-teacher')) -> float|None:
     "The largest |a - b| over the cells of `rows` in `table` of two runs' results (`{table: {(row, col): value}}`)."
     d = [abs(a[table][k] - b[table][k]) for k in a.get(table, {}) if k[0] in rows and k in b.get(table, {})]
     return max(d) if d else None
+
+# %% ../nbs/21_report.ipynb #b80aacfb
+def plain_jigsaw_note(out:str|Path) -> str:
+    "How the run's plain Jigsaw row was trained (`<out>/jigsaw_plain/metrics.json`), for the captions of the tables that print it."
+    f = Path(out)/'jigsaw_plain'/'metrics.json'
+    inp = json.loads(f.read_text()).get('input') if f.exists() else None
+    return ("Jigsaw (ours): the original Jigsaw task (no tile from another image) trained with " +
+            (inp if inp else "Jigsaw++'s input pipeline (70% of puzzles grayscale, every tile standardised and ×50, a centre crop; "
+                             "the run did not record it)") +
+            "; the ECCV 2016 paper's own Jigsaw took a random 225-px crop and its released code kept colour.")
 
 # %% ../nbs/21_report.ipynb #679237b0
 def _merge_axes(spec:tuple, ours:dict, pos:int) -> tuple:
@@ -342,12 +454,13 @@ def write_report(out:str|Path, fig_dir:str|Path, preset:str|None=None) -> list[P
     preset = preset or run_preset(out) or '?'
     for name, spec in PAPER.items():
         ours, notes = res.get(name, ({}, 'Ours: not run at this preset.'))
+        if any(r == 'Jigsaw' for r, _ in ours): notes += ' ' + plain_jigsaw_note(out)
         t = paper_table(name, ours, notes); t.preset = preset
         rows, cols = _merge_axes(t.rows, ours, 0), _merge_axes(t.cols, ours, 1)
         t.paper = {**{(r, c): NOT_GIVEN for r in rows for c in cols if r not in t.rows or c not in t.cols}, **t.paper}
         t.rows, t.cols = rows, cols
         paths += write_comparison(t, fig_dir)
-    return paths + write_claims(claims({n: r[0] for n, r in res.items()}, preset, noise_of_run(out)), fig_dir, preset)
+    return paths + write_claims(claims({n: r[0] for n, r in res.items()}, preset, noise_of_run(out)), fig_dir, preset, noise_note(out))
 
 # %% ../nbs/21_report.ipynb #5c2c41f0
 STUDENT_LABELS = {'random': 'Random', 'jigsaw_direct': 'Jigsaw++ (direct)', 'supervised': 'Supervised',
@@ -384,6 +497,11 @@ def describe_setup(cfg,                     # a `transfer.TransferConfig`
              else f"mean sigmoid of {c.test_crops} random crops at scale 1")
     scale1 = 'the image as stored' if c.native_scale else f'a {c.resize}-px short side'
     ncls = f" over the {n['cls']['n_defined']} classes with a test positive" if 'cls' in n else ''
+    seg_view = 'whole images' if getattr(s, 'crop', None) is None else f'{s.crop}-px crops'
+    seg_head = f"the {s.head} " if getattr(s, 'head', None) else ''
+    acc = f" × iter_size {s.iter_size}" if getattr(s, 'iter_size', 1) > 1 else ''
+    k = n.get('seg', {}).get('excluded_from_train')
+    left = f" ({k} training images that are also test images left out)" if k else ''
     return (f"Preset `{preset}`, seed {seed}, final-step models. "
             f"**Classification**: VOC07 {c.train_split} → {c.test_split}{cnt('cls')}, {c.iters} steps × {c.bs}, "
             f"lr {c.lr} ×{c.gamma} at steps {ms(c.milestones)}, {c.crop}-px crops after rescaling ×{c.scale_range} of {scale1}, "
@@ -391,9 +509,9 @@ def describe_setup(cfg,                     # a `transfer.TransferConfig`
             f"**Detection**: Faster R-CNN (RPN proposals) on the conv trunk, VOC07 {d.train_split} → {d.test_split}{cnt('det_ss')}, "
             f"{d.iters} steps × {d.bs} images, lr {d.lr} ×{d.gamma} at {ms(d.milestones)}, SS short side {d.min_size} "
             f"(max {d.max_size}), MS {list(d.ms_scales)}; {ap} AP at IoU 0.5, difficult objects ignored. "
-            f"**Segmentation**: FCN-32s, VOC12 {n['seg']['train_split'] if 'seg' in n else s.train_split} → "
-            f"{n['seg']['test_split'] if 'seg' in n else s.test_split}{cnt('seg')}, {s.iters} steps × {s.bs}, "
-            f"lr {s.lr} ×{s.gamma} at {ms(s.milestones)}, {s.crop}-px crops; mIoU over 21 classes, 255 ignored.")
+            f"**Segmentation**: {seg_head}FCN-32s, VOC12 {n['seg']['train_split'] if 'seg' in n else s.train_split} → "
+            f"{n['seg']['test_split'] if 'seg' in n else s.test_split}{cnt('seg')}{left}, {s.iters} steps × {s.bs}{acc}, "
+            f"lr {s.lr} ×{s.gamma} at {ms(s.milestones)}, {seg_view}; mIoU over 21 classes, 255 ignored.")
 
 def transfer_cell(key:str, v) -> str:
     "A Markdown cell of the transfer tables: scores (fractions) as percentages, seconds as they are, missing as `—`."
