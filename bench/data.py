@@ -1,24 +1,26 @@
 """Benchmark of the built-in dataset: generation time and how hard its classification tasks are.
 
-Usage: .venv/bin/python bench/data.py [--scale default] [--workers 0 2] [--skip-difficulty]
+Usage: .venv/bin/python bench/data.py [--scale default] [--workers 0 2] [--skip-difficulty] [--smoke]
+(`--smoke`: the `test` scale, seconds; what `tests/test_bench.py` runs.)
 
 Prints, for each worker count, the wall and CPU time of `make_builtin_dataset` at the given scale, with the ratio
 to the single-process run measured in the same invocation, and the machine it ran on. Then the validation accuracy
 of a logistic regression on 16x16 pixels and on HOG features for the objects (ImageNet role) and scenes (Places
 role), as a measure of difficulty (chance: 5% and 10%). Timings on a shared machine are noisy: read the CPU column.
 """
-import argparse, os, platform, shutil, tempfile, time
+import argparse, os, shutil, tempfile, time
 from pathlib import Path
 
 import numpy as np
 
 from kt_paper import data as D, builtin as S
 from kt_paper.core import load_json
+from _common import cpu_name, smoke_defaults, SMOKE_HELP, SMOKE_NOTE
 
 
 def generation(scale: str, workers: list) -> Path:
     base = Path(tempfile.mkdtemp(prefix='kt_bench_data_')); ref = None; keep = None
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
+    print(f"machine: {cpu_name()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}")
     for w in workers:
         root = base/f'w{w}'
         t, c = time.perf_counter(), time.process_time()
@@ -52,7 +54,9 @@ if __name__ == '__main__':
     ap = argparse.ArgumentParser()
     ap.add_argument('--scale', default='default'); ap.add_argument('--workers', type=int, nargs='+', default=[0, 2])
     ap.add_argument('--skip-difficulty', action='store_true')
-    a = ap.parse_args()
+    ap.add_argument('--smoke', action='store_true', help=SMOKE_HELP)
+    a = smoke_defaults(ap, dict(scale='test'))
+    if a.smoke: print(SMOKE_NOTE)
     root = generation(a.scale, a.workers)
     if not a.skip_difficulty: difficulty(root)
     shutil.rmtree(root.parent, ignore_errors=True)

@@ -12,15 +12,27 @@ resizes it to 256 px on its shorter side (what every paper-scale stage does firs
 Prints images/s and the ratio to the reference, then `draft_speedup_2x: X` and `resized_speedup_2x: Y` last
 (the two fast paths against the full decode on the 2x photos).
 
-Usage: python bench/decode.py [--n 150] [--data ../shared/data/voc2007-mini]
+Usage: python bench/decode.py [--n 150] [--data ../shared/data/voc2007-mini] [--smoke]
+`--smoke`: 6 images of the built-in `test`-scale dataset's VOC2007 (synthetic, about 140 x 125, no download) unless
+`--data` is given, seconds; what `tests/test_bench.py` runs. Its numbers mean nothing.
 """
-import argparse, os, platform, tempfile, time
+import argparse, os, tempfile, time
 from pathlib import Path
+from _common import cpu_name, smoke_defaults, SMOKE_HELP, SMOKE_NOTE
+
+SHARED = Path(__file__).resolve().parents[1].parent/'shared'/'data'/'voc2007-mini'
 
 def main():
     ap = argparse.ArgumentParser(); ap.add_argument('--n', type=int, default=150)
-    ap.add_argument('--data', default=str(Path(__file__).resolve().parents[1].parent/'shared'/'data'/'voc2007-mini'))
-    a = ap.parse_args()
+    ap.add_argument('--data', default=None, help=f"folder searched for *.jpg (default {SHARED})")
+    ap.add_argument('--smoke', action='store_true', help=SMOKE_HELP)
+    a = smoke_defaults(ap, dict(n=6))
+    if a.smoke: print(SMOKE_NOTE)
+    if a.data is None:
+        if a.smoke:
+            from kt_paper.builtin import ensure_builtin_dataset
+            a.data = str(ensure_builtin_dataset(scale='test')/'VOCdevkit'/'VOC2007'/'JPEGImages')
+        else: a.data = str(SHARED)
     import torch, torchvision
     from PIL import Image
     from kt_paper.data import load_rgb
@@ -28,7 +40,7 @@ def main():
     torch.set_num_threads(1)
     srcs = sorted(Path(a.data).rglob('*.jpg'))[:a.n]
     if not srcs: raise SystemExit(f"no JPEGs under {a.data}")
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus (one used), torch {torch.__version__}, "
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cpus (one used), torch {torch.__version__}, "
           f"torchvision {torchvision.__version__}, cuda {torch.cuda.is_available()}; {len(srcs)} photos from {a.data}")
     def short256(im):
         s = 256 / min(im.size); return im.resize((max(256, round(im.size[0]*s)), max(256, round(im.size[1]*s))), Image.BILINEAR)

@@ -9,12 +9,15 @@ peak RSS to the smallest's, and the growth during extraction (peak minus the pea
 A teacher name ending in `-unpinned` (e.g. `random-unpinned`) runs that teacher with `pin_mmap_threshold` disabled,
 the reference for what pinning glibc's mmap threshold changes (see `nbs/12_teachers.ipynb`).
 
-Usage: python bench/features.py [--sizes 2000 20000] [--teachers hog random [random-unpinned]] [--preset tiny]
+Usage: python bench/features.py [--sizes 2000 20000] [--teachers hog random [random-unpinned]] [--preset tiny] [--smoke]
+`--smoke`: one size, 8 images of the built-in `test`-scale dataset, at the `test` preset: seconds (each child process still
+imports torch); what `tests/test_bench.py` runs. Its numbers mean nothing.
 """
 import argparse, json, os, platform, resource, subprocess, sys, tempfile, time
 from pathlib import Path
+from _common import cpu_name, smoke_defaults, SMOKE_HELP, SMOKE_NOTE
 
-def child(teacher:str, n:int, preset:str, out:str):
+def child(teacher:str, n:int, preset:str, out:str, scale:str='default'):
     import numpy as np, torch
     from kt_paper.core import pick_preset
     from kt_paper.data import read_class_folder
@@ -22,7 +25,7 @@ def child(teacher:str, n:int, preset:str, out:str):
     from kt_paper import teachers as T
     from kt_paper.jigsaw import JIGSAW_PRESETS
     if teacher.endswith('-unpinned'): T.pin_mmap_threshold = lambda: False  # the reference: glibc's dynamic threshold
-    root = ensure_builtin_dataset()
+    root = ensure_builtin_dataset(scale=scale)
     paths = read_class_folder(root/'objects', 'train').paths + read_class_folder(root/'objects', 'val').paths
     paths = [paths[i % len(paths)] for i in range(n)]
     cfg = pick_preset(T.TEACHER_PRESETS, preset)
@@ -42,19 +45,22 @@ def main():
     ap.add_argument('--sizes', type=int, nargs='+', default=[2000, 20000])
     ap.add_argument('--teachers', nargs='+', default=['hog', 'random'])
     ap.add_argument('--preset', default='tiny')
-    ap.add_argument('--child', nargs=4, help=argparse.SUPPRESS)
-    a = ap.parse_args()
-    if a.child: return child(a.child[0], int(a.child[1]), a.child[2], a.child[3])
+    ap.add_argument('--scale', default='default', help="built-in dataset scale the image lists cycle over")
+    ap.add_argument('--smoke', action='store_true', help=SMOKE_HELP)
+    ap.add_argument('--child', nargs=5, help=argparse.SUPPRESS)
+    a = smoke_defaults(ap, dict(sizes=[8], preset='test', scale='test'))
+    if a.child: return child(a.child[0], int(a.child[1]), a.child[2], a.child[3], a.child[4])
+    if a.smoke: print(SMOKE_NOTE)
     import torch
     from kt_paper.core import default_num_workers
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, cuda {torch.cuda.is_available()}, "
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cpus, cuda {torch.cuda.is_available()}, "
           f"{'-'.join(platform.libc_ver())}, torch {torch.__version__}, DataLoader workers {default_num_workers()}; "
-          f"preset {a.preset}; load average {os.getloadavg()[0]:.1f} (shared machine: timings are noisy)")
+          f"preset {a.preset}, built-in scale {a.scale}; load average {os.getloadavg()[0]:.1f} (shared machine: timings are noisy)")
     with tempfile.TemporaryDirectory() as d:
         rows = []
         for t in a.teachers:
             for n in a.sizes:
-                r = subprocess.run([sys.executable, __file__, '--child', t, str(n), a.preset, d], capture_output=True, text=True)
+                r = subprocess.run([sys.executable, __file__, '--child', t, str(n), a.preset, d, a.scale], capture_output=True, text=True)
                 if r.returncode: print(r.stderr[-3000:]); raise SystemExit(r.returncode)
                 res = json.loads(r.stdout.strip().splitlines()[-1]); rows.append(res)
                 print(f"{t:15s} n={n:6d} dim={res['dim']:5d}: {res['images_per_s']:7.1f} images/s, peak RSS main {res['peak_rss_mb']:.0f} MB "

@@ -16,16 +16,17 @@ Usage: .venv/bin/python bench/jigsaw.py [--quick] [--smoke]
   --smoke: the same code paths at toy sizes (a few puzzles, 3 training steps on the built-in `test`-scale dataset, no
            download), seconds: what `tests/test_bench.py` runs so that an import or API change fails CI. Its numbers mean nothing.
 """
-import argparse, os, sys, time, platform, warnings
+import argparse, os, time, warnings
 warnings.filterwarnings('ignore')
 import numpy as np, torch
 from PIL import Image
 import torchvision.transforms.functional as TF
-from kt_paper.core import seed_everything, default_num_workers, get_device, environment_info
+from kt_paper.core import seed_everything, get_device, environment_info
 from kt_paper.jigsaw import (JIGSAW_PRESETS, PuzzleDataset, sample_puzzles, assemble_puzzles_torch,
                              prepare_image, COLOUR_PROJECTION, jigsaw_dataloaders)
 from kt_paper.pretext import cfn_from_config
 from kt_paper.permutations import permutation_set
+from _common import cpu_name, SMOKE_HELP, SMOKE_NOTE
 
 QUICK = bool(os.environ.get('BENCH_QUICK'))
 
@@ -138,13 +139,13 @@ def bench_training(cfg, n_iter, scale='default'):
 if __name__ == '__main__':
     ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     ap.add_argument('--quick', action='store_true', default=QUICK, help="fewer puzzles and iterations (also BENCH_QUICK=1)")
-    ap.add_argument('--smoke', action='store_true', help="toy sizes, seconds (tests/test_bench.py); numbers mean nothing")
+    ap.add_argument('--smoke', action='store_true', help=SMOKE_HELP)
     a = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
     info = environment_info()
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {info['torch']}, "
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {info['torch']}, "
           f"cuda={info['cuda']}, cpu_bf16={info['cpu_bf16']} (shared machine: timings are noisy)")
-    if a.smoke: print("smoke size: toy sizes that exercise the code paths; the numbers below mean nothing"); REPEAT = 1
+    if a.smoke: print(SMOKE_NOTE); REPEAT = 1
     sizes = (8, 8, 3, 'test', 16) if a.smoke else (300, 500, 10, 'default', 256) if a.quick else (1500, 3000, 40, 'default', 256)
     raw = photos()[:3] if a.smoke else photos()
     pc, tc = JIGSAW_PRESETS['paper'], JIGSAW_PRESETS['tiny']

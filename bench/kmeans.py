@@ -8,10 +8,13 @@ distances to the nearest centroid, computed by the same function for all), then 
 initialisation, the same training subsample size and iterations), timed in the same run.
 Targets: speedup >= 10 at objective_ratio <= 1.01, faiss_overhead <= 2.
 
-Usage: python bench/kmeans.py [--n 100000] [--k 1000] [--backend auto|faiss|torch] [--also-random]
+Usage: python bench/kmeans.py [--n 100000] [--k 1000] [--backend auto|faiss|torch] [--also-random] [--smoke]
+`--smoke`: 2,000 points in 16 dimensions, k = 20, 4 iterations, seconds; what `tests/test_bench.py` runs. Its numbers
+mean nothing.
 """
-import argparse, os, platform, time
+import argparse, os, time
 import numpy as np
+from _common import cpu_name, smoke_defaults, SMOKE_HELP, SMOKE_NOTE
 
 def main():
     ap = argparse.ArgumentParser()
@@ -20,11 +23,13 @@ def main():
     ap.add_argument('--niter', type=int, default=20); ap.add_argument('--sigma', type=float, default=1.0)
     ap.add_argument('--backend', default='auto'); ap.add_argument('--seed', type=int, default=0)
     ap.add_argument('--also-random', action='store_true', help="also time faiss with its random initialisation")
-    a = ap.parse_args()
+    ap.add_argument('--smoke', action='store_true', help=SMOKE_HELP)
+    a = smoke_defaults(ap, dict(n=2000, d=16, centres=40, k=20, niter=4))
+    if a.smoke: print(SMOKE_NOTE)
     from sklearn.cluster import KMeans
     from kt_paper.kmeans import kmeans, kmeans_objective, resolve_backend, seeding_dtype
     import torch
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch threads {torch.get_num_threads()}, "
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cpus, torch threads {torch.get_num_threads()}, "
           f"cuda {torch.cuda.is_available()}; backend {resolve_backend(a.backend)}; "
           f"k-means++ products in {seeding_dtype('cpu') or torch.float32}")
     rng = np.random.default_rng(a.seed)

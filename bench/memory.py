@@ -10,13 +10,16 @@ needed and decoding is not what is measured. Peak RSS is the largest sum over th
 sampled every 50 ms). Printed last: `rss_growth_puzzles: X` and `rss_growth_features: X`, each
 peak(10k) / peak(1k) - 1. Target: <= 0.10.
 
-Usage: python bench/memory.py [--small 1000] [--large 10000] [--workers 2]
+Usage: python bench/memory.py [--small 1000] [--large 10000] [--workers 2] [--smoke]
+`--smoke`: 8 and 16 images (one puzzle batch each), 1 loader worker, seconds; what `tests/test_bench.py` runs. Its numbers
+mean nothing.
 """
-import argparse, os, platform, tempfile, time
+import argparse, os, tempfile, time
 from pathlib import Path
 import numpy as np
 from PIL import Image
 from kt_paper.rehearsal import PeakRSS   # peak RSS of this process + its loader workers
+from _common import cpu_name, smoke_defaults, SMOKE_HELP, SMOKE_NOTE
 
 def synth_image(path) -> Image.Image:
     "A deterministic 500x375 RGB image for `path` (its digits seed it): smooth colour blobs plus noise."
@@ -53,9 +56,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument('--small', type=int, default=1000); ap.add_argument('--large', type=int, default=10_000)
     ap.add_argument('--workers', type=int, default=2)
-    a = ap.parse_args()
+    ap.add_argument('--smoke', action='store_true', help=SMOKE_HELP)
+    a = smoke_defaults(ap, dict(small=8, large=16, workers=1))
+    if a.smoke: print(SMOKE_NOTE)
     import torch
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
+    print(f"machine: {cpu_name()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
           f"{a.workers} loader workers; paper geometry, images synthesised per index")
     growth = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -22,17 +22,17 @@ and each ratio is paired: kt_paper / the bare loop of the same round (on a share
 15-20% between runs); the median over rounds is reported. oneDNN picks and caches kernels on first use, so the first
 `--warmup` steps of every loop are not timed. The last line is `train_ratio_min: X`, the smallest median over trainers.
 
-Usage: python bench/train.py [--preset small] [--steps 60] [--warmup 5] [--rounds 3] [--device cpu]   (shorter runs are noisy on 2 cores)
+Usage: python bench/train.py [--preset small] [--steps 60] [--warmup 5] [--rounds 3] [--device cpu] [--cases student pretext probes transfer] [--smoke]
+(shorter runs are noisy on 2 cores; `train_ratio_min` is over the cases run)
+`--smoke`: the `test` preset, 2 timed steps after 1 warm-up, 1 round, bare loops in fp32 only (with and without
+channels-last; `--emulated-bf16` adds the others back), seconds; what `tests/test_bench.py` runs (its numbers mean nothing).
 On a GPU: `python bench/gpu.py` (this script with `--device cuda --preset paper`: bare loops in fp32 and bf16 autocast, or fp16
 with a grad scaler where the GPU has no bf16, each with and without channels-last).
 """
-import argparse, contextlib, copy, platform, time
+import argparse, contextlib, copy, time
 import numpy as np, torch
 from torch import nn
-
-def cpu_name():
-    try: return next(l.split(':', 1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name'))
-    except (OSError, StopIteration): return platform.processor()
+from _common import cpu_name, smoke_defaults, SMOKE_HELP, SMOKE_NOTE
 
 DEVICE = torch.device('cpu')   # set by `--device`; every case and loop runs there
 
@@ -172,13 +172,20 @@ def transfer_case(preset, steps, warmup):
     kt.same_work = lambda: bare_rescale_crops(x, y, cfg.bs, cfg.crop, cfg.resize, cfg.scale_range, steps + warmup)
     return 'VOC07 cls fine-tuning', kt, model, norm_batches(x, y, cfg.bs, cfg.crop), opt, masked_bce, cfg.clip   # its update clips the gradient norm
 
+CASES = dict(student=student_case, pretext=pretext_case, probes=probe_case, transfer=transfer_case)
+
+def variants_low(dev): return 'bf16' if dev.type == 'cpu' or torch.cuda.is_bf16_supported() else 'fp16'
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument('--preset', default='small'); ap.add_argument("--steps", type=int, default=60)
     ap.add_argument('--warmup', type=int, default=5); ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument('--emulated-bf16', action='store_true', help="also time bf16 bare loops on a CPU without bf16 units")
     ap.add_argument('--device', default='cpu', help="'cpu' or 'cuda' (bench/gpu.py): where both sides run")
-    a = ap.parse_args()
+    ap.add_argument('--cases', nargs='+', choices=list(CASES), default=list(CASES), help="the trainers to time (default: all)")
+    ap.add_argument('--smoke', action='store_true', help=SMOKE_HELP)
+    a = smoke_defaults(ap, dict(preset='test', steps=2, warmup=1, rounds=1))
+    if a.smoke: print(SMOKE_NOTE)
     from kt_paper.core import cpu_has_bf16
     global DEVICE
     DEVICE = torch.device(a.device)
@@ -190,9 +197,11 @@ def main():
     else:
         print(f"machine: {cpu_name()}, {torch.get_num_threads()} threads, bf16 units: {cpu_has_bf16()}, torch {torch.__version__}, preset {a.preset}")
         variants = [('fp32', False), ('fp32', True)] + ([('bf16', False), ('bf16', True)] if cpu_has_bf16() or a.emulated_bf16 else [])
-    if len(variants) == 2: print("no bf16 units: the bare bf16 loops (emulated, several times slower than fp32) are skipped; --emulated-bf16 times them")
+    if a.smoke and len(variants) > 2 and not a.emulated_bf16:
+        variants = variants[:2]; print(f"smoke: bare loops in fp32 only (the {variants_low(DEVICE)} variants are skipped to save time)")
+    elif len(variants) == 2: print("no bf16 units: the bare bf16 loops (emulated, several times slower than fp32) are skipped; --emulated-bf16 times them")
     premade_min, same_min = [], []
-    for case in (student_case, pretext_case, probe_case, transfer_case):
+    for case in (CASES[c] for c in a.cases):
         name, kt, model, batches, opt, loss, clip = case(a.preset, a.steps, a.warmup)
         refs, rate, vs_premade, vs_same, same_best = {}, 0., [], [], 0.
         for _ in range(a.rounds):

@@ -1,0 +1,51 @@
+"""Benchmarks that cannot rot: every `bench/*.py` script runs at its smoke size (`--smoke`: toy sizes, seconds) in a
+fresh Python process, exits 0 and prints the lines it closes with, so that an import or API change that breaks a
+benchmark fails the suite. The numbers of a smoke run mean nothing and are not checked, only that they were printed.
+
+A new script is picked up by the glob: it fails here until it accepts `--smoke` (argparse exits 2 on an unknown
+option) and its closing lines are listed in `CLOSING`. Files starting with `_` are helpers, not benchmarks.
+"""
+import os, re, subprocess, sys
+from pathlib import Path
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted(p.name for p in (ROOT/'bench').glob('*.py') if not p.name.startswith('_'))
+NUM = r'-?\d+\.\d+'   # a finite number as the scripts print them (a NaN or inf from a mis-sized smoke run fails)
+
+# The last lines of each script's output, in order (regexes, matched from the start of the line).
+TRAIN_END = [rf'train_ratio_premade_min: {NUM}$', rf'train_ratio_min: {NUM}$']
+CLOSING = {
+    'data.py':     [rf'objects +pixels16 +val accuracy {NUM}', rf'objects +hog +val accuracy {NUM}',
+                    rf'scenes +pixels16 +val accuracy {NUM}', rf'scenes +hog +val accuracy {NUM}'],
+    'decode.py':   [rf'draft_speedup_2x: {NUM}$', rf'resized_speedup_2x: {NUM}$'],
+    'features.py': [rf'hog: peak RSS ratio \(largest/smallest size\) {NUM}', rf'random: peak RSS ratio \(largest/smallest size\) {NUM}'],
+    'gpu.py':      TRAIN_END,   # without CUDA: bench/train.py on the CPU, one trainer, through gpu.py's hand-over
+    'jigsaw.py':   [rf'speedup: {NUM}$', rf'data_overhead: {NUM}$'],
+    'kmeans.py':   [rf'speedup: {NUM}$', rf'objective_ratio: {NUM}$', rf'faiss_overhead: {NUM}$'],
+    'memory.py':   [rf'rss_growth_puzzles: {NUM}$', rf'rss_growth_features: {NUM}$'],
+    'train.py':    TRAIN_END,
+}
+# Lines every smoke run prints somewhere: the machine it ran on (the benchmarks' convention) and the smoke notice.
+ALWAYS = [r'machine: \S', r'smoke size: ']
+
+def test_scripts_found():
+    assert len(SCRIPTS) >= 8, SCRIPTS   # the glob works from any working directory
+
+def test_closing_lines_cover_exactly_the_scripts():
+    assert sorted(CLOSING) == SCRIPTS, "a bench/ script without its closing lines in CLOSING, or a stale entry"
+
+@pytest.mark.parametrize('name', SCRIPTS)
+def test_smoke(name):
+    cmd = [sys.executable, str(ROOT/'bench'/name), '--smoke']
+    env = {**os.environ, 'PYTHONWARNINGS': 'ignore', 'MPLBACKEND': 'agg'}
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    out = r.stdout.splitlines()
+    tail = '\n'.join(out[-15:]) + '\n--- stderr ---\n' + r.stderr[-3000:]
+    assert r.returncode == 0, f"{' '.join(cmd)} exited {r.returncode}:\n{tail}"
+    for pat in ALWAYS: assert any(re.match(pat, l) for l in out), f"{name} --smoke printed no line matching {pat!r}:\n{tail}"
+    want = CLOSING.get(name)
+    assert want, f"bench/{name}: list the lines it closes with in tests/test_bench.py's CLOSING"
+    last = out[-len(want):]
+    assert len(last) == len(want) and all(re.match(p, l) for p, l in zip(want, last)), \
+        f"bench/{name} --smoke: last lines\n" + '\n'.join(last) + "\ndo not match\n" + '\n'.join(want) + f"\n{tail}"
