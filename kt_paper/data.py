@@ -4,7 +4,7 @@
 
 # %% ../nbs/01_data.ipynb #99dc91b2
 from __future__ import annotations
-import dataclasses, math, os, warnings
+import dataclasses, functools, json, math, os, warnings
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,12 +12,12 @@ import numpy as np
 from PIL import Image, ImageOps
 
 # %% auto #0
-__all__ = ['IMG_EXTS', 'VOC_CLASSES', 'DATA_PRESETS', 'ROLES', 'ROLE_SPLITS', 'ROLE_LAYOUTS', 'DataError', 'ImageReadError',
-           'AnnotationError', 'load_rgb', 'ImageItem', 'ImageSet', 'read_class_folder', 'read_unlabeled',
-           'read_tiny_imagenet', 'read_image_set', 'VOCObject', 'VOCAnnotation', 'parse_voc_xml', 'voc_class_labels',
-           'VOCSet', 'voc_dir', 'read_voc', 'read_voc_class_files', 'voc_colormap', 'SegSet', 'read_voc_segmentation',
-           'find_sbd', 'read_sbd', 'load_mask', 'verify_images', 'DataConfig', 'role_env', 'dataset_roots', 'read_role',
-           'check_roles']
+__all__ = ['IMG_EXTS', 'VOC_CLASSES', 'SKIP_ENV', 'DATA_PRESETS', 'ROLES', 'ROLE_SPLITS', 'ROLE_LAYOUTS', 'DataError',
+           'ImageReadError', 'AnnotationError', 'load_rgb', 'images_left_out', 'ImageItem', 'ImageSet',
+           'read_class_folder', 'read_unlabeled', 'read_tiny_imagenet', 'read_image_set', 'VOCObject', 'VOCAnnotation',
+           'parse_voc_xml', 'voc_class_labels', 'VOCSet', 'voc_dir', 'read_voc', 'read_voc_class_files', 'voc_colormap',
+           'SegSet', 'read_voc_segmentation', 'find_sbd', 'read_sbd', 'load_mask', 'verify_images', 'DataConfig',
+           'role_env', 'dataset_roots', 'read_role', 'check_roles']
 
 # %% ../nbs/01_data.ipynb #ef52c9ee
 class DataError(Exception):
@@ -91,6 +91,32 @@ def _need_dir(p:Path, what:str, hint:str='') -> Path:
 def _images_in(d:Path) -> list:
     return sorted(p for p in d.iterdir() if p.suffix.lower() in IMG_EXTS and not p.name.startswith('.') and p.is_file())
 
+# %% ../nbs/01_data.ipynb #2b3a1399
+SKIP_ENV = 'KT_PAPER_SKIP_IMAGES'   # a JSON file {absolute path: reason} of images every reader leaves out
+
+@functools.lru_cache(maxsize=8)
+def _read_left_out(path:str, mtime_ns:int) -> dict: return json.loads(Path(path).read_text())
+
+def images_left_out(leave_out:dict|None=None # path -> reason; None: the file `$KT_PAPER_SKIP_IMAGES` names
+                   ) -> dict:
+    "Absolute path -> reason of every image to leave out: `leave_out`, else the run's list (none when it has none)."
+    if leave_out is not None: return {os.path.abspath(k): v for k, v in leave_out.items()}
+    f = os.environ.get(SKIP_ENV)
+    return _read_left_out(f, os.stat(f).st_mtime_ns) if f and os.path.isfile(f) else {}
+
+def _leave_out(ds, leave_out:dict|None=None):
+    "`ds` (`ImageSet`, `VOCSet` or `SegSet`) without the images (or masks) `images_left_out(leave_out)` names."
+    out = images_left_out(leave_out)
+    if not out: return ds
+    masks, keep, gone = getattr(ds, 'masks', None), [], []
+    for k, p in enumerate(ds.paths):
+        why = out.get(os.path.abspath(p)) or (out.get(os.path.abspath(masks[k])) if masks is not None else None)
+        if why: gone.append(f'{p}: left out ({why})')
+        else: keep.append(k)
+    if not gone: return ds
+    res = ds.subset(keep); res.skipped += gone
+    return res
+
 # %% ../nbs/01_data.ipynb #cb40817d
 @dataclass(frozen=True)
 class ImageItem:
@@ -121,7 +147,8 @@ class ImageSet:
 def read_class_folder(root:str|Path,        # dataset folder
                       split:str|None=None,  # sub-folder such as 'train' or 'val'; None: `root` holds the class folders
                       classes=None,         # class names to use (e.g. the train split's); default: the sorted folders found
-                      on_error:str='raise'  # 'raise' or 'skip' (empty or missing class folders)
+                      on_error:str='raise', # 'raise' or 'skip' (empty or missing class folders)
+                      leave_out:dict|None=None # images to leave out (path -> reason); None: the run's (`images_left_out`)
                      ) -> ImageSet:
     "Read a `root/<split>/<class>/<image>` tree (ImageNet, Imagenette, Places205, MiniPlaces)."
     root = _need_dir(root, 'dataset folder'); pol = _Policy(on_error)
@@ -136,22 +163,24 @@ def read_class_folder(root:str|Path,        # dataset folder
         imgs = _images_in(cd)
         if not imgs: pol.fail(DataError(f"{cd}: class folder contains no images")); continue
         items += [ImageItem(p, c, f'{name}/{p.stem}') for p in imgs]
-    return ImageSet(root, split, classes, items, pol.report(f'read_class_folder({d})', len(items)))
+    return _leave_out(ImageSet(root, split, classes, items, pol.report(f'read_class_folder({d})', len(items))), leave_out)
 
 # %% ../nbs/01_data.ipynb #3983af6a
-def read_unlabeled(root:str|Path # folder searched recursively for images
+def read_unlabeled(root:str|Path, # folder searched recursively for images
+                   leave_out:dict|None=None # images to leave out (path -> reason); None: the run's (`images_left_out`)
                   ) -> ImageSet:
     "Every image below `root` (recursively, sorted), without labels: the input of pretext training."
     root = _need_dir(root, 'image folder')
     items = [ImageItem(p, -1, str(p.relative_to(root).with_suffix('')))
              for p in sorted(root.rglob('*')) if p.suffix.lower() in IMG_EXTS and p.is_file() and not p.name.startswith('.')]
     if not items: raise DataError(f"{root}: no images found (extensions {', '.join(IMG_EXTS)})")
-    return ImageSet(root, None, (), items)
+    return _leave_out(ImageSet(root, None, (), items), leave_out)
 
 # %% ../nbs/01_data.ipynb #4f4f9bd6
 def read_tiny_imagenet(root:str|Path,       # the `tiny-imagenet-200` folder
                        split:str='train',   # 'train' or 'val'
-                       on_error:str='raise' # 'raise' or 'skip' (missing images, empty classes)
+                       on_error:str='raise', # 'raise' or 'skip' (missing images, empty classes)
+                       leave_out:dict|None=None # images to leave out (path -> reason); None: the run's (`images_left_out`)
                       ) -> ImageSet:
     "Read Tiny-ImageNet: classes from `wnids.txt`; `train/<wnid>/images/`; `val/` labelled by `val_annotations.txt`."
     root = _need_dir(root, 'Tiny-ImageNet folder'); pol = _Policy(on_error)
@@ -177,18 +206,19 @@ def read_tiny_imagenet(root:str|Path,       # the `tiny-imagenet-200` folder
             if not p.is_file(): pol.fail(ImageReadError(f"{p}: listed in {af.name} (line {n}) but missing")); continue
             items.append(ImageItem(p, index[f[1]], p.stem))
     else: raise ValueError(f"split must be 'train' or 'val' (the test split has no labels), not {split!r}")
-    return ImageSet(root, split, classes, items, pol.report(f'read_tiny_imagenet({root}, {split!r})', len(items)))
+    return _leave_out(ImageSet(root, split, classes, items, pol.report(f'read_tiny_imagenet({root}, {split!r})', len(items))), leave_out)
 
 # %% ../nbs/01_data.ipynb #ac1a815f
 def read_image_set(root:str|Path, split:str|None=None, on_error:str='raise',
-                   classes=None # the class list to use (a val split's, from its train split); Tiny-ImageNet's must agree
+                   classes=None,            # the class list to use (a val split's, from its train split); Tiny-ImageNet's must agree
+                   leave_out:dict|None=None # images to leave out (path -> reason); None: the run's (`images_left_out`)
                   ) -> ImageSet:
     "Read a labelled classification split: Tiny-ImageNet if `root/wnids.txt` exists, else a class-folder tree."
     if (Path(root)/'wnids.txt').is_file():
-        s = read_tiny_imagenet(root, split or 'train', on_error)
+        s = read_tiny_imagenet(root, split or 'train', on_error, leave_out)
         if classes is not None and tuple(classes) != tuple(s.classes): raise DataError(f"{root}: {split} classes differ from those given")
         return s
-    return read_class_folder(root, split, classes=classes, on_error=on_error)
+    return read_class_folder(root, split, classes=classes, on_error=on_error, leave_out=leave_out)
 
 # %% ../nbs/01_data.ipynb #a5684de5
 @dataclass(frozen=True)
@@ -298,7 +328,8 @@ def _read_ids(f:Path) -> list:
 def read_voc(root:str|Path,        # VOC<year> folder, VOCdevkit or its parent
              split:str='trainval', # a file of `ImageSets/Main`: train, val, trainval, test
              year:str='2007',      # VOC year
-             on_error:str='raise'  # 'raise' or 'skip' (missing images, missing or malformed XML)
+             on_error:str='raise', # 'raise' or 'skip' (missing images, missing or malformed XML)
+             leave_out:dict|None=None # images to leave out (path -> reason); None: the run's (`images_left_out`)
             ) -> VOCSet:
     "Read the ids, image paths and annotations of one split of PASCAL VOC `year`."
     voc = voc_dir(root, str(year)); pol = _Policy(on_error)
@@ -309,7 +340,7 @@ def read_voc(root:str|Path,        # VOC<year> folder, VOCdevkit or its parent
         try: a = parse_voc_xml(voc/'Annotations'/f'{i}.xml')
         except AnnotationError as e: pol.fail(e); continue
         ids.append(i); anns.append(dataclasses.replace(a, filename=img.name))
-    return VOCSet(voc, split, str(year), ids, anns, pol.report(f'read_voc({voc}, {split!r})', len(ids)))
+    return _leave_out(VOCSet(voc, split, str(year), ids, anns, pol.report(f'read_voc({voc}, {split!r})', len(ids))), leave_out)
 
 # %% ../nbs/01_data.ipynb #9d545870
 def read_voc_class_files(root:str|Path, split:str='trainval', year:str='2007') -> tuple[list, np.ndarray]:
@@ -358,7 +389,8 @@ class SegSet:
 def read_voc_segmentation(root:str|Path, # VOC<year> folder, VOCdevkit or its parent
                           split:str='train', # a file of `ImageSets/Segmentation`: train, val, trainval
                           year:str='2012',
-                          on_error:str='raise' # 'raise' or 'skip' (missing images or masks)
+                          on_error:str='raise', # 'raise' or 'skip' (missing images or masks)
+                          leave_out:dict|None=None # images to leave out (path -> reason); None: the run's (`images_left_out`)
                          ) -> SegSet:
     "Read the image and `SegmentationClass` mask paths of one VOC segmentation split."
     voc = voc_dir(root, str(year)); pol = _Policy(on_error)
@@ -368,7 +400,7 @@ def read_voc_segmentation(root:str|Path, # VOC<year> folder, VOCdevkit or its pa
         miss = [p for p in (im, m) if not p.is_file()]
         if miss: pol.fail(ImageReadError(f"{miss[0]}: listed in {sf} but missing")); continue
         ids.append(i); ims.append(im); ms.append(m)
-    return SegSet(voc, split, ids, ims, ms, pol.report(f'read_voc_segmentation({voc}, {split!r})', len(ids)))
+    return _leave_out(SegSet(voc, split, ids, ims, ms, pol.report(f'read_voc_segmentation({voc}, {split!r})', len(ids))), leave_out)
 
 def find_sbd(voc12:str|Path) -> Path|None:
     "The SBD `dataset` folder (`img/`, `cls/`, `train.txt`) beside a VOC2012 folder: `SBD/` or `benchmark_RELEASE/` next to it or to its VOCdevkit."
@@ -379,7 +411,9 @@ def find_sbd(voc12:str|Path) -> Path|None:
                 if (d/'cls').is_dir() and (d/'train.txt').is_file(): return d
     return None
 
-def read_sbd(root:str|Path, split:str='train', on_error:str='raise') -> SegSet:
+def read_sbd(root:str|Path, split:str='train', on_error:str='raise',
+             leave_out:dict|None=None # images to leave out (path -> reason); None: the run's (`images_left_out`)
+            ) -> SegSet:
     "One split (`train` or `val`) of the SBD augmented set (Hariharan et al.): `img/<id>.jpg` and `cls/<id>.mat` masks."
     root = _need_dir(root, 'SBD dataset folder', 'benchmark_RELEASE/dataset with img/, cls/, train.txt'); pol = _Policy(on_error)
     sf = root/f'{split}.txt'; ids, ims, ms = [], [], []
@@ -388,7 +422,7 @@ def read_sbd(root:str|Path, split:str='train', on_error:str='raise') -> SegSet:
         miss = [p for p in (im, m) if not p.is_file()]
         if miss: pol.fail(ImageReadError(f"{miss[0]}: listed in {sf} but missing")); continue
         ids.append(i); ims.append(im); ms.append(m)
-    return SegSet(root, f'sbd_{split}', ids, ims, ms, pol.report(f'read_sbd({root}, {split!r})', len(ids)))
+    return _leave_out(SegSet(root, f'sbd_{split}', ids, ims, ms, pol.report(f'read_sbd({root}, {split!r})', len(ids))), leave_out)
 
 # %% ../nbs/01_data.ipynb #c08459ad
 def _sbd_mask(path:Path) -> np.ndarray:
@@ -489,12 +523,13 @@ ROLE_SPLITS = dict(imagenet=('train', 'val'), places=('train', 'val'), voc07=('t
 
 def read_role(role:str,        # one of `ROLES`
               root:str|Path,   # its folder, from `dataset_roots`
-              split:str        # e.g. one of `ROLE_SPLITS[role]`
+              split:str,       # e.g. one of `ROLE_SPLITS[role]`
+              leave_out:dict|None=None # images to leave out (path -> reason); None: the run's (`images_left_out`)
              ):
     "One split of a data role: an `ImageSet` (imagenet, places), a `VOCSet` (voc07) or a `SegSet` (voc12)."
-    if role in ('imagenet', 'places'): return read_image_set(root, split)
-    if role == 'voc07': return read_voc(root, split, '2007')
-    if role == 'voc12': return read_voc_segmentation(root, split, '2012')
+    if role in ('imagenet', 'places'): return read_image_set(root, split, leave_out=leave_out)
+    if role == 'voc07': return read_voc(root, split, '2007', leave_out=leave_out)
+    if role == 'voc12': return read_voc_segmentation(root, split, '2012', leave_out=leave_out)
     raise ValueError(f"unknown data role {role!r}; expected one of {ROLES}")
 
 # %% ../nbs/01_data.ipynb #5f73d65e

@@ -8,7 +8,8 @@ import argparse, ast, contextlib, dataclasses, json, logging, os, shutil, subpro
 from dataclasses import dataclass
 from pathlib import Path
 import kt_paper
-from .core import (PRESET_NAMES, code_files, environment_info, fingerprint, format_progress, load_json, pick_preset,
+from .data import DataError
+from .core import (PRESET_NAMES, atomic_path, code_files, environment_info, fingerprint, format_progress, load_json, pick_preset,
                            project_root, save_json)
 from .settings import (DRIVER_PARAMS, STAGE_PRESETS, SettingsError, check_data_roles, data_roles,
                                describe_settings, parse_params, parse_settings, read_config, stage_presets)
@@ -17,7 +18,8 @@ from .settings import (DRIVER_PARAMS, STAGE_PRESETS, SettingsError, check_data_r
 __all__ = ['STAGES', 'DRIVER_MODULES', 'Stage', 'notebooks_dir', 'find_stages', 'notebook_code', 'stage_code', 'stage_inputs',
            'inputs_key', 'stage_key', 'rerun_reason', 'prepare_notebook', 'notebook_parameters', 'parameter_defaults',
            'environ', 'follow_progress', 'run_stage', 'stage_marker', 'is_done', 'git_commit', 'default_out_dirs',
-           'summary_table', 'reproduce', 'ensure_upstream', 'copy_notebooks', 'config_text', 'stages_text', 'main']
+           'summary_table', 'data_error', 'image_check_summary', 'write_image_check', 'reproduce', 'ensure_upstream',
+           'copy_notebooks', 'config_text', 'stages_text', 'main']
 
 # %% ../nbs/25_reproduce.ipynb #8c262754
 STAGES = (('data', '04_samples'), ('jigsaw', '11_pretext'), ('teachers', '12_teachers'), ('clustering', '14_clustering'),
@@ -218,6 +220,33 @@ def summary_table(manifest:dict) -> str:
     lines += [f"{n:<12} {s:<7} {'' if t is None else f'{t:9.1f}':>9}" for n, s, t in rows]
     return '\n'.join(lines + ['-'*30, f"{'total':<12} {'':<7} {manifest.get('seconds', 0):9.1f}"])
 
+# %% ../nbs/25_reproduce.ipynb #6080f638
+_DATA_ERRORS = ('DataError', 'ImageReadError', 'AnnotationError', 'BadImagesError')
+
+def data_error(e:Exception) -> Exception|None:
+    "The `DataError` (with its message) behind a stage's failure `e`, or None when `e` is not bad input."
+    from kt_paper.data import DataError
+    if getattr(e, 'ename', None) in _DATA_ERRORS: return DataError(str(getattr(e, 'evalue', e)))   # papermill's execution error
+    return e if isinstance(e, DataError) else None
+
+def image_check_summary(out:Path, head:str|None=None) -> dict|None:
+    "What `<out>/data/image_check.json` says (printed under `head` when given): files checked, seconds, files left out."
+    if not (Path(out)/'data'/'image_check.json').exists(): return None
+    c = load_json(Path(out)/'data'/'image_check.json')
+    s = dict(checked=c['checked'], decoded=c['decoded'], seconds=c['seconds'], policy=c.get('policy'),
+             left_out=[f"{b['path']}: {b['reason']}" for b in c['bad']] if c.get('policy') == 'skip' else [])
+    if head and s['left_out']:
+        print(f"{head} {len(s['left_out'])} unreadable images left out of every stage (listed in {out}/data/image_check.json)", flush=True)
+    return s
+
+def write_image_check(out:Path, fig:Path) -> Path|None:
+    "`<fig>/image_check.md`: the run's image check (`kt_paper.image_check.image_check_markdown`), when it has one."
+    from kt_paper.image_check import image_check_markdown
+    f = Path(out)/'data'/'image_check.json'
+    if not f.exists(): return None
+    with atomic_path(Path(fig)/'image_check.md') as t: t.write_text(image_check_markdown(load_json(f)))
+    return Path(fig)/'image_check.md'
+
 # %% ../nbs/25_reproduce.ipynb #fe52f1b3
 def reproduce(preset:str='tiny',          # one of test, tiny, small, paper
               data_root:str|None=None,     # folder holding the real datasets (small/paper presets)
@@ -234,9 +263,11 @@ def reproduce(preset:str='tiny',          # one of test, tiny, small, paper
               params:dict|None=None,       # stage -> {NAME: value} of its `parameters` cell (`-p`)
               data:dict|None=None,         # data role -> folder (`--data`), over the preset's
               report:bool=True,            # write the tables and figures at the end
+              on_bad_image:str='raise',    # unreadable images: 'raise' (the data stage stops the run, listing them) or 'skip'
              ) -> dict:
     "Run the pipeline's stage notebooks in order with papermill; return the run manifest."
     if preset not in PRESET_NAMES: raise ValueError(f"unknown preset {preset!r}; expected one of {PRESET_NAMES}")
+    if on_bad_image not in ('raise', 'skip'): raise SettingsError(f"on_bad_image must be 'raise' or 'skip', not {on_bad_image!r}")
     stages = find_stages(nbs_path)
     if not stages: raise FileNotFoundError(f"no stage notebooks in {nbs_path or notebooks_dir()}")
     names = [s.name for s in stages]
@@ -254,15 +285,16 @@ def reproduce(preset:str='tiny',          # one of test, tiny, small, paper
     out, fig = default_out_dirs(preset, out, fig_dir)
     out.mkdir(parents=True, exist_ok=True); fig.mkdir(parents=True, exist_ok=True)
     base = dict(PRESET=preset, DATA_ROOT=str(Path(data_root).resolve()) if data_root else None, OUT_DIR=str(out),
-                FIG_DIR=str(fig), SEED=seed, DEVICE=device, GPUS=gpus)
+                FIG_DIR=str(fig), SEED=seed, DEVICE=device, GPUS=gpus, ON_BAD_IMAGE=on_bad_image)
     settings = describe_settings(overrides, params, data)
     for line in settings: print(f'setting {line}', flush=True)
-    from kt_paper.data import role_env
-    env = {role_env(r): p for r, p in data.items()}
+    from kt_paper.data import SKIP_ENV, role_env
+    env = {**{role_env(r): p for r, p in data.items()}, SKIP_ENV: str(out/'data'/'skipped_images.json')}   # the data stage's list
     manifest = dict(preset=preset, parameters=base, overrides=overrides, notebook_parameters=params, data_roles=data,
                     settings=settings, kt_paper=kt_paper.__version__,
                     git_commit=git_commit(project_root(Path(kt_paper.__file__).parent)),
                     environment=environment_info(), started=time.strftime('%Y-%m-%dT%H:%M:%S%z'), stages={})
+    manifest['image_check'] = image_check_summary(out)   # the last data check in this folder (None: none yet)
     upstream, t_all = {}, time.time()
     for i, st in enumerate(stages, 1):
         p = dict(base, **({'OVERRIDES': json.dumps(overrides[st.name], sort_keys=True)} if overrides.get(st.name) else {}),
@@ -282,9 +314,11 @@ def reproduce(preset:str='tiny',          # one of test, tiny, small, paper
             manifest['stages'][st.name] = dict(key=key, failed=f'{type(e).__name__}: {str(e)[:2000]}')
             save_json(manifest, out/'manifest.json')
             print(f'{head} FAILED: see {out}/notebooks/{st.notebook.stem}.failed.ipynb', flush=True)
+            if (err := data_error(e)) is not None: raise err from None   # bad input: its message, not a notebook's traceback
             raise
         print(f'{head} done in {marker["seconds"]:.1f} s', flush=True)
         manifest['stages'][st.name] = dict(marker, cached=False, reason=why)
+        if st.name == 'data': manifest['image_check'] = image_check_summary(out, head)
     if not report:
         manifest['seconds'] = round(time.time() - t_all, 1)
         save_json(manifest, out/'manifest.json')
@@ -293,7 +327,7 @@ def reproduce(preset:str='tiny',          # one of test, tiny, small, paper
     from kt_paper.report import write_report
     from kt_paper.figures import conv1_filters_figure, pipeline_figure_from_run, training_curves_figure
     files = write_report(out, fig, preset) + [pipeline_figure_from_run(out, fig, seed=seed), conv1_filters_figure(out, fig),
-                                      training_curves_figure(out, fig)]
+                                      training_curves_figure(out, fig), write_image_check(out, fig)]
     manifest['report'] = [str(f) for f in files if f]
     print(f'report: {len(manifest["report"])} tables and figures written to {fig}', flush=True)
     manifest['seconds'] = round(time.time() - t_all, 1)
@@ -359,6 +393,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument('--gpus', type=int, default=1, help='processes for training stages (DDP when > 1)')
     r.add_argument('--only', default=None, help='run only this stage')
     r.add_argument('--force', action='store_true', help='re-run stages even when cached')
+    r.add_argument('--on-bad-image', choices=('raise', 'skip'), default='raise',
+                   help="unreadable images, found by the data stage before any training: stop the run listing them (raise), "
+                        "or leave them out of every stage and list them in the manifest and image_check.md (skip)")
     r.add_argument('--log-output', action='store_true', help="stream the notebooks' output to the console")
     r.add_argument('--nbs-path', default=None, help="the stage notebooks' folder (default: the checkout's nbs/ or the package's)")
     r.add_argument('--rehearse', action='store_true',
@@ -434,7 +471,6 @@ def main(argv:list[str]|None=None):
     if a.cmd == 'stages': print(stages_text(a.nbs_path)); return
     if a.cmd == 'resize':
         from kt_paper.images import resize_copy
-        from kt_paper.data import DataError
         try: m = resize_copy(a.src, a.dest, a.short_side, a.quality, a.workers, 'skip' if a.skip_bad else 'raise')
         except DataError as e: p.error(str(e))
         print(f"{a.dest}: {m['resized']} resized, {m['copied']} copied, {m['kept']} already there, {m['failed']} skipped"); return
@@ -454,5 +490,6 @@ def main(argv:list[str]|None=None):
     if a.log_output: _log_to_stdout(logging.getLogger('papermill'))   # papermill logs each cell's output there
     try:
         reproduce(a.preset, a.data_root, a.out, a.fig_dir, a.seed, a.device, a.gpus, a.only, a.force, a.nbs_path,
-                  log_output=a.log_output, overrides=overrides, params=stage_params, data=data)
+                  log_output=a.log_output, overrides=overrides, params=stage_params, data=data, on_bad_image=a.on_bad_image)
     except SettingsError as e: p.error(str(e))   # found before any stage started: a usage error
+    except DataError as e: p.exit(2, f'kt-paper: bad input data:\n{e}\n')   # the data's fault: its message, no traceback

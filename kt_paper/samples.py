@@ -7,9 +7,10 @@ from __future__ import annotations
 import math
 from pathlib import Path
 import numpy as np
-from .core import atomic_path, pick_preset
+from .core import atomic_path, pick_preset, save_json
 from .data import (DATA_PRESETS, ROLES, ROLE_SPLITS, VOC_CLASSES, ImageSet, SegSet, VOCSet, dataset_roots,
                            load_mask, load_rgb, read_role, voc_colormap)
+from .image_check import BadImagesError, bad_images_message, check_run_images
 
 # %% auto #0
 __all__ = ['SHEET_SPLITS', 'SHEET_SIZES', 'show_class_samples', 'show_voc_samples', 'show_seg_samples', 'save_sample_sheets',
@@ -79,13 +80,14 @@ def save_sample_sheets(roots:dict,       # role -> folder, from `dataset_roots`
                        seed:int=0,       # which samples are shown
                        per_class:int=2,  # images per class (the places role shows one more)
                        n_voc:int=12,     # VOC detection images
-                       n_seg:int=6       # segmentation images
+                       n_seg:int=6,      # segmentation images
+                       leave_out:dict|None=None # images not to show (path -> reason); None: the run's (`images_left_out`)
                       ) -> list:
     "Write `data_samples_<role>.png` for every role in `roots`; return the paths."
     import matplotlib.pyplot as plt
     fig_dir = Path(fig_dir); fig_dir.mkdir(parents=True, exist_ok=True); out = []
     for role, root in roots.items():
-        ds = read_role(role, root, SHEET_SPLITS[role])
+        ds = read_role(role, root, SHEET_SPLITS[role], leave_out)
         if role in ('imagenet', 'places'): fig = show_class_samples(ds, per_class=per_class + (role == 'places'), seed=seed)
         elif role == 'voc07': fig = show_voc_samples(ds, n_voc, seed=seed)
         else: fig = show_seg_samples(ds, n_seg, seed=seed)
@@ -103,12 +105,23 @@ def run_data(out:str|Path,                   # run folder; the sheets go to `<ou
              device:str='auto',              # unused (the stage only reads files); the common stage signature
              fig_dir:str|Path|None=None,     # where the sample sheets go
              builtin_dir:str|Path|None=None, # where the built-in dataset lives (default: `builtin.builtin_root`)
+             on_bad_image:str='raise',       # unreadable images: 'raise' (stop the run, listing them) or 'skip' them
+             workers:int|None=None,          # processes of the image check (None: see `image_check.check_files`)
              **overrides                     # `DataConfig` fields to change
             ) -> dict:
-    "Resolve and read the data roles of `preset`, write their sample sheets; return the folders and image counts."
-    cfg = pick_preset(DATA_PRESETS, preset, **overrides)
+    "Resolve the data roles of `preset`, decode every image the run will read, write their sample sheets; return what was found."
+    if on_bad_image not in ('raise', 'skip'): raise ValueError(f"on_bad_image must be 'raise' or 'skip', not {on_bad_image!r}")
+    cfg, out = pick_preset(DATA_PRESETS, preset, **overrides), Path(out)
     roots = dataset_roots(cfg, data_root, seed, builtin_dir)
-    images = {r: {s: len(read_role(r, p, s)) for s in ROLE_SPLITS[r]} for r, p in roots.items()}
-    sheets = save_sample_sheets(roots, fig_dir or Path(out)/'figures', seed, **SHEET_SIZES.get(preset, {}))
-    return dict(preset=preset, roots={r: str(p) for r, p in roots.items()}, images=images,
-                builtin=[r for r in ROLES if getattr(cfg, r).startswith('builtin:')], sheets=[str(p) for p in sheets])
+    check = check_run_images(roots, workers)
+    save_json(dict(check, policy=on_bad_image), out/'data'/'image_check.json')
+    bad = {b['path']: b['reason'] for b in check['bad']}
+    if bad and on_bad_image == 'raise':
+        (out/'data'/'skipped_images.json').unlink(missing_ok=True)
+        raise BadImagesError(bad_images_message(check, out/'data'/'image_check.json'))
+    save_json(bad, out/'data'/'skipped_images.json')   # every later stage's `$KT_PAPER_SKIP_IMAGES`
+    images = {r: {s: len(read_role(r, p, s, bad)) for s in ROLE_SPLITS[r]} for r, p in roots.items()}
+    sheets = save_sample_sheets(roots, fig_dir or out/'figures', seed, **SHEET_SIZES.get(preset, {}), leave_out=bad)
+    return dict(preset=preset, roots={r: str(p) for r, p in roots.items()}, images=images, checked=check['checked'],
+                left_out=sorted(bad), builtin=[r for r in ROLES if getattr(cfg, r).startswith('builtin:')],
+                sheets=[str(p) for p in sheets])

@@ -139,7 +139,7 @@ def read_config(path:str|Path, # a .toml (or .yaml/.yml) file
     return overrides, params
 
 # %% ../nbs/23_settings.ipynb #f0010fbc
-DRIVER_PARAMS = ('PRESET', 'DATA_ROOT', 'OUT_DIR', 'FIG_DIR', 'SEED', 'DEVICE', 'GPUS', 'OVERRIDES')
+DRIVER_PARAMS = ('PRESET', 'DATA_ROOT', 'OUT_DIR', 'FIG_DIR', 'SEED', 'DEVICE', 'GPUS', 'ON_BAD_IMAGE', 'OVERRIDES')
 
 def parse_params(items:list,   # 'NAME=VALUE' or 'stage.NAME=VALUE' strings (`-p`)
                  declared:dict # stage -> {NAME: default} of its notebook's `parameters` cell (`reproduce.parameter_defaults`)

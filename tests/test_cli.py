@@ -186,3 +186,49 @@ def test_resize_command(tmp_path, capsys):
     (tmp_path/'voc'/'Annotations').mkdir(parents=True); (tmp_path/'voc'/'Annotations'/'x.xml').write_text('<a/>')
     with pytest.raises(SystemExit): main(['resize', str(tmp_path/'voc'), str(tmp_path/'v')])
     assert 'pixel coordinates' in capsys.readouterr().err
+
+def _kt_paper_cli(*args, env=None, cwd=None):
+    "The installed `kt-paper` console script (or its entry point), run as a user would: `(exit status, stdout, stderr)`."
+    import os, subprocess, sys
+    exe = Path(sys.executable).parent/'kt-paper'
+    cmd = [str(exe)] if exe.exists() else [sys.executable, '-c', 'from kt_paper.reproduce import main; main()']
+    r = subprocess.run(cmd + list(args), env=dict(os.environ, IN_TEST='1', **(env or {})), cwd=cwd, capture_output=True,
+                       text=True, timeout=900)
+    return r.returncode, r.stdout, r.stderr
+
+def _objects_with_bad_images(tmp_path):
+    "The test-scale objects with a truncated, a zero-byte and a non-image `.jpg` among their training images."
+    from kt_paper.builtin import ensure_builtin_dataset
+    mine = tmp_path/'my_objects'; shutil.copytree(ensure_builtin_dataset(None, 0, 'test')/'objects', mine)
+    cls = mine/'train'/'dog'; good = sorted(cls.iterdir())[0].read_bytes()
+    bad = [cls/'truncated.jpg', cls/'empty.jpg', cls/'notes.jpg']
+    bad[0].write_bytes(good[:len(good)//3]); bad[1].write_bytes(b''); bad[2].write_text('these are my notes, not a picture')
+    return mine, bad
+
+def test_bad_images_stop_the_run_before_any_training(tmp_path):
+    "`--on-bad-image raise` (the default): the data stage decodes everything and stops the run with a short list, no traceback."
+    mine, bad = _objects_with_bad_images(tmp_path)
+    rc, out, err = _kt_paper_cli('reproduce', '--preset', 'test', '--out', str(tmp_path/'run'), '--data', f'imagenet={mine}', cwd=tmp_path)
+    assert rc == 2, (rc, out[-2000:], err[-3000:])
+    assert 'Traceback' not in err and 'Traceback' not in out, err[-3000:]
+    assert '3 of ' in err and '--on-bad-image skip' in err, err
+    for f in bad: assert str(f) in err, err
+    m = load_json(tmp_path/'run'/'manifest.json')
+    assert list(m['stages']) == ['data'] and 'failed' in m['stages']['data']   # nothing after the data stage ran
+    assert not (tmp_path/'run'/'jigsaw').exists()
+
+def test_bad_images_left_out_of_every_stage(tmp_path):
+    "`--on-bad-image skip`: the run goes on without them; the manifest, `image_check.md` and every stage's inputs agree."
+    mine, bad = _objects_with_bad_images(tmp_path)
+    run = tmp_path/'run'
+    rc, out, err = _kt_paper_cli('reproduce', '--preset', 'test', '--out', str(run), '--data', f'imagenet={mine}',
+                                 '--on-bad-image', 'skip', cwd=tmp_path)
+    assert rc == 0, (out[-3000:], err[-3000:])
+    assert '3 unreadable images left out of every stage' in out, out
+    m = load_json(run/'manifest.json')
+    assert sorted(s.split(':')[0] for s in m['image_check']['left_out']) == sorted(map(str, bad))
+    md = (run/'figures'/'image_check.md').read_text()
+    assert all(str(f) in md for f in bad) and 'left out of every stage' in md
+    for teacher in ('hog', 'random'):   # the teachers' features (the clustering's and the students' inputs) lack them
+        ids = load_json(run/'features'/teacher/'objects_train.json')['ids']
+        assert ids and not any(i.endswith(('truncated.jpg', 'empty.jpg', 'notes.jpg')) for i in ids)
