@@ -13,10 +13,10 @@ The last two lines are `speedup: X` (builder vs reference, paper sizes) and `dat
 
 Usage: .venv/bin/python bench/jigsaw.py [--quick] [--smoke]
   --quick (or BENCH_QUICK=1): fewer puzzles and iterations (noisier);
-  --smoke: the same code paths at toy sizes (a few puzzles, 3 training steps on the built-in `test`-scale dataset, no
-           download), seconds: what `tests/test_bench.py` runs so that an import or API change fails CI. Its numbers mean nothing.
+  --smoke: the same code paths at toy sizes (a few puzzles from 3 photos, 2 training steps of 16 puzzles on the built-in
+           `test`-scale dataset, no download), seconds: what `tests/test_bench.py` runs so that an import or API change fails CI. Its numbers mean nothing.
 """
-import argparse, os, time, warnings
+import argparse, dataclasses, os, time, warnings
 warnings.filterwarnings('ignore')
 import numpy as np, torch
 from PIL import Image
@@ -146,11 +146,11 @@ if __name__ == '__main__':
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores, torch {info['torch']}, "
           f"cuda={info['cuda']}, cpu_bf16={info['cpu_bf16']} (shared machine: timings are noisy)")
     if a.smoke: print(SMOKE_NOTE); REPEAT = 1
-    sizes = (8, 8, 3, 'test', 16) if a.smoke else (300, 500, 10, 'default', 256) if a.quick else (1500, 3000, 40, 'default', 256)
+    sizes = (8, 8, 2, 'test', 16) if a.smoke else (300, 500, 10, 'default', 256) if a.quick else (1500, 3000, 40, 'default', 256)
     raw = photos()[:3] if a.smoke else photos()
     pc, tc = JIGSAW_PRESETS['paper'], JIGSAW_PRESETS['tiny']
     speed = bench_builders('paper 255/64', pc, permutation_set(pc.n_perms, pc.min_dist), raw, sizes[0], B=sizes[4])
     speed_t = bench_builders('tiny 63/16', tc, permutation_set(tc.n_perms, tc.min_dist), raw, sizes[1], B=sizes[4])
-    overhead = bench_training(tc, sizes[2], scale=sizes[3])
+    overhead = bench_training(dataclasses.replace(tc, bs=16) if a.smoke else tc, sizes[2], scale=sizes[3])
     print(f'speedup: {speed:.2f}')
     print(f'data_overhead: {overhead:.3f}')

@@ -38,7 +38,9 @@ def test_closing_lines_cover_exactly_the_scripts():
 @pytest.mark.parametrize('name', SCRIPTS)
 def test_smoke(name):
     cmd = [sys.executable, str(ROOT/'bench'/name), '--smoke']
-    env = {**os.environ, 'PYTHONWARNINGS': 'ignore', 'MPLBACKEND': 'agg'}
+    # One compute thread: on a shared 2-core machine, OpenMP threads that wait for each other at every barrier make a
+    # loaded run several times slower (measured: 7 s -> 15-30 s for bench/jigsaw.py --smoke at load 6); code paths are the same.
+    env = {**os.environ, 'PYTHONWARNINGS': 'ignore', 'MPLBACKEND': 'agg', 'OMP_NUM_THREADS': '1', 'MKL_NUM_THREADS': '1'}
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
     out = r.stdout.splitlines()
     tail = '\n'.join(out[-15:]) + '\n--- stderr ---\n' + r.stderr[-3000:]
