@@ -13,7 +13,7 @@ from fastai.learner import Learner
 from fastai.data.core import DataLoaders
 from fastai.callback.schedule import ParamScheduler
 from fastai.metrics import accuracy
-from .core import seed_everything, save_json, load_json, atomic_path, fingerprint
+from .core import seed_everything, save_json, load_json, atomic_path, fingerprint, code_digest
 from .data import ROLES, DATA_PRESETS, DataConfig, DataError, dataset_roots, read_image_set
 from .nets import AlexNet, CONV_LAYERS, build_alexnet, init_alexnet_, layer_outputs
 from .student import evaluate_top1, image_dataset, make_student_dls, decode_images
@@ -49,10 +49,11 @@ class ProbeConfig:
     "Hyperparameters of the frozen-feature probes."
     resize:int=256                  # warp side before cropping
     crop:int=227                    # network input (must match the probed model's `input_size`)
-    bs:int=256                      # batch size
+    bs:int=256                      # batch of the linear probes (and of the non-linear ones when `nl_bs` is None)
     lin_epochs:int=30               # linear probes: epochs
     lin_lr:float=0.01               # linear probes: base lr
     lin_milestones:tuple=(10, 20)   # linear probes: lr /10 at these epochs
+    nl_bs:int|None=None             # non-linear probes: batch (None: `bs`)
     nl_epochs:int=90                # non-linear probes: epochs
     nl_lr:float=0.01                # non-linear probes: base lr
     nl_milestones:tuple=(30, 60)    # non-linear probes: lr /10 at these epochs
@@ -62,13 +63,15 @@ class ProbeConfig:
     cache_images:bool=False         # decode all images once into memory
     pool:str='resize'               # map -> grid: 'resize' (bilinear, Zhang et al.'s Resize layer) or 'avg' (adaptive average)
     ablation_students:bool=True     # also probe the k and domain ablation students (the paper reports them on VOC07 classification only)
+    noise_rows:tuple=()             # student rows trained and probed again with seed + 1 to measure the run's noise (`run_seed_spread`)
 
 PROBE_PRESETS = {
-    'paper': ProbeConfig(bs=64),   # Zhang et al.'s batch
+    'paper': ProbeConfig(bs=64, nl_bs=256, nl_epochs=70, nl_milestones=(20, 40, 60)),   # Zhang et al.'s batch; the ECCV 2016 recognition solver
     'small': ProbeConfig(resize=128, crop=112, bs=64, lin_epochs=4, lin_milestones=(3,), nl_epochs=3,
                          nl_milestones=(2,), cache_images=True, pool='avg'),   # sized for the shared samples on a CPU
     'medium': ProbeConfig(resize=72, crop=64, bs=256, lin_epochs=3, lin_milestones=(2,), nl_epochs=1, nl_milestones=(),
-                          nl_layers=(), cache_images=True, pool='avg', ablation_students=False),   # linear probes of the paper's rows only: its 60-minute budget
+                          nl_layers=(), cache_images=True, pool='avg', ablation_students=False,   # linear probes of the paper's rows only: its 60-minute budget
+                          noise_rows=('cc_jigsaw', 'random')),   # a second seed of the row every linear claim reads and of the noisiest row
     'tiny':  ProbeConfig(resize=72, crop=64, bs=64, lin_epochs=2, lin_milestones=(1,), nl_epochs=1, nl_milestones=(),
                          nl_layers=('conv5',), cache_images=True, pool='avg'),
     'test':  ProbeConfig(resize=52, crop=48, bs=32, lin_epochs=1, lin_milestones=(), nl_epochs=1, nl_milestones=(),
@@ -305,30 +308,34 @@ def probe_models(student_dir:str|Path, # `<out>/student`
 
 # %% ../nbs/16_probes.ipynb #2a8e002f
 def probe_set(out:Path, pset:str, root:Path, models:dict, cfg:ProbeConfig, seed:int, device, precision:str|None=None,
-              preset:str='', log=print) -> dict:
+              preset:str='', log=print,
+              split:tuple|None=None   # `probe_split(root, cfg)` already made by the caller (the images are decoded once)
+             ) -> dict:
     "Linear (and, for `NONLINEAR_SETS`, non-linear) probes of every model on one set; write their JSON and Markdown."
     from kt_paper.nets import load_alexnet
     from kt_paper.train import precision_policy, digest, image_ids
     t0 = time.time()
-    train, val, classes = probe_split(root, cfg)
+    train, val, classes = split or probe_split(root, cfg)
     dls = probe_dls(train, val, cfg)
+    nl_dls = dls if (cfg.nl_bs or cfg.bs) == cfg.bs else probe_dls(train, val, dataclasses.replace(cfg, bs=cfg.nl_bs))
     ids = digest(image_ids(read_image_set(root, 'train').paths + read_image_set(root, 'val').paths))
     prec = precision_policy(device, precision).name
+    key_cfg, code = dataclasses.replace(cfg, noise_rows=()), code_digest('kt_paper.probes')   # which rows measure the noise changes no probe
     log(f"{pset}: {root}: {len(train[1])} train / {len(val[1])} val, {len(classes)} classes")
     kinds = ('linear', 'nonlinear') if pset in NONLINEAR_SETS else ('linear',)
     res, secs = {}, dict(load=round(time.time() - t0, 1))
     for kind in kinds:
         t1, table, timing = time.time(), {}, {}
         for name, f in models.items():
-            key = fingerprint(kind, ids, cfg, seed, prec, digest(Path(f)))
+            key = fingerprint(kind, ids, key_cfg, seed, prec, digest(Path(f)), code)
             cuts = [l for l in cfg.nl_layers if l.startswith('conv') or name.startswith('cc_')]  # fc6/7 only where trained on another task
             def fn(f=f, cuts=cuts):   # the checkpoint is loaded only when its result is not cached
                 net = load_alexnet(f)
                 if kind == 'linear': return run_linear_probes(net, dls, len(classes), cfg, seed, device=device, precision=precision)
-                return {l: run_nonlinear_probe(net, dls, len(classes), l, cfg, seed, device=device, precision=precision) for l in cuts}
+                return {l: run_nonlinear_probe(net, nl_dls, len(classes), l, cfg, seed, device=device, precision=precision) for l in cuts}
             r = cached_probe(out/'probes'/f'{kind}_{pset}', name, key, fn)
             table[name], timing[name] = r['top1'], r['seconds']
-        save_json(dict(preset=preset, data=str(root), seed=seed, precision=prec, top1=table, seconds=timing),
+        save_json(dict(preset=preset, data=str(root), seed=seed, precision=prec, config=dataclasses.asdict(cfg), top1=table, seconds=timing),
                   out/'probes'/f'{kind}_{pset}.json')
         layers = CONV_LAYERS if kind == 'linear' else [l for l in NL_LAYERS if any(l in r for r in table.values())]
         md = probe_table(table, layers)
@@ -346,6 +353,7 @@ def run_probes(out:str|Path,               # run folder: results go to `<out>/pr
                student_dir:str|None=None,  # the models (default `<out>/student`)
                precision:str|None=None,    # see `kt_paper.train.precision_policy`
                quiet:bool=False,
+               splits:dict|None=None,      # probe set -> `probe_split` already made (decoded once by the caller)
                **overrides                 # `ProbeConfig` fields to change
               ) -> dict:
     "Probe every student on every probe set; return `linear`, `nonlinear` (set -> model -> layer -> top-1), `seconds`, `skipped`."
@@ -364,7 +372,7 @@ def run_probes(out:str|Path,               # run folder: results go to `<out>/pr
     if not models: log(f'no model to probe under {student_dir or out/"student"}')
     res = dict(linear={}, nonlinear={}, seconds={}, skipped=skipped)
     for pset, root in roots.items():
-        r = probe_set(out, pset, root, models, cfg, seed, device, precision, preset, log)
+        r = probe_set(out, pset, root, models, cfg, seed, device, precision, preset, log, (splits or {}).get(pset))
         res['linear'][pset] = r['linear']; res['seconds'][pset] = r['seconds']
         if 'nonlinear' in r: res['nonlinear'][pset] = r['nonlinear']
     return res
@@ -395,23 +403,45 @@ def run_seed_spread(out:str|Path,               # a run folder whose clustering 
                     device:str='auto',
                     probe_set:str='objects',    # the probe set whose linear cells are compared
                     quiet:bool=False,
+                    rows=SPREAD_ROWS,           # the rows made again: CC students (`cc_<teacher>`) and/or 'random'
+                    **overrides                 # `ProbeConfig` fields to change (as the stage's own probes)
                    ) -> dict:
-    "Train and probe the key rows with a second seed under `<out>/seed<s>/`; write and return `<out>/noise.json`."
-    from kt_paper.student import run_student
-    from kt_paper.report import collect_results, seed_spread, MODEL_ROWS
+    "Train and probe `rows` with a second seed under `<out>/seed<s>/`; write and return `<out>/noise.json`."
+    from kt_paper.core import pick_preset
+    from kt_paper.student import run_student, STUDENT_PRESETS
+    from kt_paper.report import collect_results, seed_spread, PROBE_SETS, _row
+    t0, rows = time.time(), tuple(rows)
+    bad = [r for r in rows if r != 'random' and not r.startswith('cc_')]
+    if bad or not rows: raise ValueError(f"noise rows must be CC students ('cc_<teacher>') or 'random', not {list(bad or rows)}")
     out = Path(out); other = seed + 1 if other_seed is None else other_seed
     if other == seed: raise ValueError(f"the second seed must differ from the run's ({seed})")
     first = out/'probes'/f'linear_{probe_set}.json'
     if not first.exists(): raise FileNotFoundError(f"{first}: run the evaluation stage first (the first seed's probes)")
-    o2 = out/f'seed{other}'
-    run_student(o2, preset, data_root, other, device, cluster_dir=str(out/'clusters'), extras=False, quiet=quiet)   # CC rows + Random
-    run_probes(o2, preset, data_root, other, device, probe_sets=probe_set, quiet=quiet)
+    o2, log = out/f'seed{other}', (lambda *a: None) if quiet else print
+    cfg, scfg = pick_preset(PROBE_PRESETS, preset, **overrides), pick_preset(STUDENT_PRESETS, preset)
+    root = probe_set_roots((probe_set,), pick_preset(DATA_PRESETS, preset), data_root, seed=seed)[probe_set]
+    split = probe_split(root, cfg)   # decoded once, for the students too where the images are the same
+    same = PROBE_ROLES[probe_set] == 'imagenet' and cfg.cache_images and scfg.cache_images and scfg.resize == cfg.resize
+    run_student(o2, preset, data_root, other, device, cluster_dir=str(out/'clusters'), extras=False, quiet=quiet,
+                cc_teachers=','.join(r[3:] for r in rows if r.startswith('cc_')), images=(split[0][0], split[1][0]) if same else None)
+    if missing := [r for r in rows if not (o2/'student'/r/'final.pth').exists()]:   # no clustering of that teacher in this run
+        log(f"noise rows {missing}: not made under {o2/'student'} (no clusters of theirs under {out/'clusters'}); left out")
+        rows = tuple(r for r in rows if r not in missing)
+    run_probes(o2, preset, data_root, other, device, probe_sets=probe_set, quiet=quiet, splits={probe_set: split}, **overrides)
+    table = next(t for t, (k, sets) in PROBE_SETS.items() if k == 'linear' and probe_set in sets)
+    names = tuple(_row(r) for r in rows)
     a, b = ({t: r[0] for t, r in collect_results(o).items()} for o in (out, o2))
-    pts = seed_spread(a, b, rows=tuple(MODEL_ROWS[n] for n in SPREAD_ROWS))
-    if pts is None: raise RuntimeError(f"no key row ({', '.join(SPREAD_ROWS)}) was probed under both {out} and {o2}")
-    la, lb = a.get('linear_imagenet', {}), b.get('linear_imagenet', {})
-    cells = {f'{r}/{c}': [round(v, 2), round(lb[(r, c)], 2)] for (r, c), v in la.items() if (r, c) in lb}
-    res = dict(points=round(pts, 2), seeds=[seed, other], probe_set=probe_set, preset=preset, cells=cells,
-               note='largest |seed a - seed b| over the key rows\' linear-probe cells (top-1 points); same teachers and clusters')
+    pts = seed_spread(a, b, table, names)
+    if pts is None: raise RuntimeError(f"none of the rows {names} was probed under both {out} and {o2}")
+    la, lb = a.get(table, {}), b.get(table, {})
+    cells = {f'{r}/{c}': [round(v, 2), round(lb[(r, c)], 2)] for (r, c), v in la.items() if (r, c) in lb and r in names}
+    redo = ', '.join(['the CC students trained again'] * any(r.startswith('cc_') for r in rows) +
+                     ['Random drawn again (initial weights, BN statistics)'] * ('random' in rows))
+    measure = (f"largest change of one cell between seed {seed} and seed {other} over the {len(cells)} linear-probe cells "
+               f"(top-1 points, `{probe_set}` val) of {', '.join(names)}: {redo} with seed {other} on the same teachers and "
+               f"clusters, and probed with seed {other}; the other rows were not re-seeded")
+    res = dict(points=round(pts, 2), tables={table: round(pts, 2)}, rows=list(names), seeds=[seed, other], probe_set=probe_set,
+               preset=preset, cells=cells, measure=measure, seconds=round(time.time() - t0, 1))
     save_json(res, out/'noise.json')
+    log(f"noise: {res['points']} points ({measure}; {res['seconds']} s)")
     return res

@@ -18,7 +18,7 @@ from fastai.data.core import DataLoaders
 from fastai.callback.schedule import ParamScheduler
 from fastai.metrics import accuracy
 import torch.distributed as dist
-from .core import (seed_everything, save_json, load_json, default_num_workers, get_device, pick_preset, fingerprint)
+from .core import (seed_everything, save_json, load_json, default_num_workers, get_device, pick_preset, fingerprint, code_digest)
 from .images import imagenet_normalize
 from .nets import ALEXNET_CHANNELS, ALEXNET_FC, CONV_LAYERS, AlexNet, scaled, build_alexnet, save_alexnet
 from .data import load_rgb
@@ -203,11 +203,11 @@ def synthetic_images(n:int, size:int=52, seed:int=0) -> tuple[torch.Tensor, np.n
 def student_fingerprint(cfg:StudentConfig, train_paths, train_labels, val_paths, val_labels, n_classes:int, seed:int,
                         images:tuple|None=None # in-memory (train, val) images: digested where there are no paths
                        ) -> str:
-    "What a student is made from: config, classes, seed, and digests of the images (ids) and (pseudo-)labels."
+    "What a student is made from: config, classes, seed, digests of the images (ids) and (pseudo-)labels, and of the code that trains it."
     ids = [digest(images[i]) if images is not None and any(p is None for p in ps) else digest(image_ids(ps))
            for i, ps in enumerate((train_paths, val_paths))]
     return fingerprint(dataclasses.asdict(cfg), n_classes, seed, ids, digest(np.asarray(train_labels, np.int64)),
-                       digest(np.asarray(val_labels, np.int64)))
+                       digest(np.asarray(val_labels, np.int64)), code_digest('kt_paper.student'))
 
 # %% ../nbs/15_student.ipynb #ab122d8b
 def train_student(train_paths, train_labels,   # training images and their (pseudo-)labels
@@ -430,6 +430,7 @@ def run_student(out:str|Path,               # run folder: students go to `<out>/
                 standin:bool=False,         # no clustering: train one student on stand-in labels (tests only)
                 extras:bool=True,           # also the supervised, directly used Jigsaw and ablation rows (False: CC rows + Random)
                 quiet:bool=False,
+                images:tuple|None=None,     # one process only: the objects role's (train, val) uint8 images at `resize`, decoded by the caller
                 **overrides                 # `StudentConfig` fields to change (every student of the stage)
                ) -> dict:
     "Train every student of the stage; return `students`, `ablation` (name -> metrics), `made` and `skipped`."
@@ -442,7 +443,9 @@ def run_student(out:str|Path,               # run folder: students go to `<out>/
     root, scenes_root = roots['imagenet'], roots['places']
     tp, _, vp, _, classes = read_student_data(root)
     decode = lambda ps: decode_images(ps, cfg.resize)
-    images = (decode(tp), decode(vp)) if cfg.cache_images and gpus <= 1 else None
+    if images is not None and (gpus > 1 or [len(x) for x in images] != [len(tp), len(vp)] or images[0].shape[-1] != cfg.resize):
+        raise ValueError(f"images: {[tuple(x.shape) for x in images]} are not the {len(tp)} + {len(vp)} objects images at {cfg.resize} px (one process)")
+    if images is None: images = (decode(tp), decode(vp)) if cfg.cache_images and gpus <= 1 else None
     log(f"objects = {root}: {len(tp)} train / {len(vp)} val images, {len(classes)} classes; scenes = {scenes_root}")
     def train_one(name, data, ytr=None, yva=None, k=None, imgs=None):
         kw = dict(out_dir=str(sdir/name), root=str(data), train_labels=ytr, val_labels=yva, n_classes=k, preset=preset,

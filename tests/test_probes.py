@@ -163,20 +163,33 @@ def test_run_probes_can_leave_the_ablation_students_out(tmp_path):
     assert set(r['linear']['scenes']) == {'random', 'supervised', 'cc_jigsaw_k10', 'cc_jigsaw_scenes-objects'}
 
 
-def test_seed_spread_trains_the_key_rows_again_and_writes_the_noise(tmp_path):
-    """A second seed of the key rows on the same clusters: only those rows, new weights, and noise.json = the largest
-    difference between the two seeds' linear-probe cells, which the claims scoreboard then reads."""
+@pytest.fixture(scope='module')
+def clustered_run(tmp_path_factory):
+    "A `test`-preset run folder through the evaluation stage: HOG clusters, the CC+HOG student, Random, their probes."
     from kt_paper.teachers import run_teachers
     from kt_paper.clustering import run_clustering
     from kt_paper.student import run_student
-    from kt_paper.probes import run_probes, run_seed_spread
+    from kt_paper.probes import run_probes
+    out = tmp_path_factory.mktemp('run')
+    run_teachers(out, 'test', seed=0, device='cpu', train_jigsaw=False)
+    run_clustering(out, 'test', seed=0, device='cpu', teachers='hog', ablation_ks=(), k=3)
+    run_student(out, 'test', seed=0, device='cpu', cc_teachers='hog', quiet=True)
+    run_probes(out, 'test', seed=0, device='cpu', probe_sets='objects', quiet=True)
+    return out
+
+def test_seed_spread_trains_the_key_rows_again_and_writes_the_noise(clustered_run, monkeypatch):
+    """A second seed of the key rows on the same clusters: only those rows, new weights, and noise.json = the largest
+    difference between the two seeds' linear-probe cells, which the claims scoreboard then reads; the images are
+    decoded once for the second seed's students and probes."""
+    import kt_paper.student as ks, kt_paper.probes as kp
+    from kt_paper.probes import run_seed_spread
     from kt_paper.report import noise_of_run, collect_results, seed_spread, claims
     from kt_paper.core import load_json
-    run_teachers(tmp_path, 'test', seed=0, device='cpu', train_jigsaw=False)
-    run_clustering(tmp_path, 'test', seed=0, device='cpu', teachers='hog', ablation_ks=(), k=3)
-    run_student(tmp_path, 'test', seed=0, device='cpu', cc_teachers='hog', quiet=True)
-    run_probes(tmp_path, 'test', seed=0, device='cpu', probe_sets='objects', quiet=True)
-    res = run_seed_spread(tmp_path, 'test', seed=0, device='cpu', quiet=True)
+    tmp_path, decoded = clustered_run, []
+    orig = ks.decode_images
+    for m in (ks, kp): monkeypatch.setattr(m, 'decode_images', lambda ps, r: decoded.append(len(ps)) or orig(ps, r))
+    res = run_seed_spread(tmp_path, 'test', seed=0, device='cpu', quiet=True)   # SPREAD_ROWS: only HOG has clusters here
+    assert len(decoded) == 2                                                      # train + val, once (was twice each)
     o2 = tmp_path/'seed1'
     assert sorted(p.name for p in (o2/'student').iterdir() if p.is_dir()) == ['cc_hog', 'random']   # no supervised / ablation rows
     w0, w1 = (torch.load(o/'student'/'cc_hog'/'final.pth', weights_only=True) for o in (tmp_path, o2))
@@ -184,9 +197,58 @@ def test_seed_spread_trains_the_key_rows_again_and_writes_the_noise(tmp_path):
     assert not torch.equal(w0[k], w1[k])                                          # another seed, other weights
     assert load_json(o2/'student'/'cc_hog'/'metrics.json')['seed'] == 1
     a, b = ({t: r[0] for t, r in collect_results(o).items()} for o in (tmp_path, o2))
-    assert res['points'] == round(seed_spread(a, b), 2) and res['seeds'] == [0, 1]
+    assert res['points'] == round(seed_spread(a, b), 2) and res['seeds'] == [0, 1] and res['rows'] == ['Random', 'CC+HOG']
     assert set(res['cells']) == {f'{r}/conv{i}' for r in ('Random', 'CC+HOG') for i in range(1, 6)}
     assert max(abs(x - y) for x, y in res['cells'].values()) == pytest.approx(res['points'], abs=0.01)
-    assert noise_of_run(tmp_path) == res['points'] and load_json(tmp_path/'noise.json') == res
+    assert res['tables'] == {'linear_imagenet': res['points']} and 'Random, CC+HOG' in res['measure']
+    assert noise_of_run(tmp_path) == {'linear_imagenet': res['points']} and load_json(tmp_path/'noise.json') == res
     rows = claims(a, 'test', noise_of_run(tmp_path))
-    assert rows and all(r['noise'] == res['points'] and r['beyond_noise'] != 'noise not measured' for r in rows)
+    assert rows and not any(r['status'] == 'held (noise not measured)' and r['id'] in ('1', '2', '7') for r in rows)
+
+def test_seed_spread_of_fewer_rows_compares_only_those(clustered_run):
+    "The medium preset's kind of measure: only the rows named are compared (here Random alone), and noise.json says so."
+    from kt_paper.probes import run_seed_spread
+    res = run_seed_spread(clustered_run, 'test', seed=0, other_seed=2, device='cpu', quiet=True, rows=('random',))
+    assert res['rows'] == ['Random'] and set(res['cells']) == {f'Random/conv{i}' for i in range(1, 6)}
+    assert not (clustered_run/'seed2'/'student'/'cc_hog').exists()
+    assert 'of Random: Random drawn again' in res['measure'] and 'the other rows were not re-seeded' in res['measure']
+
+def test_medium_measures_its_noise_on_two_rows():
+    from kt_paper.probes import PROBE_PRESETS
+    assert PROBE_PRESETS['medium'].noise_rows == ('cc_jigsaw', 'random')
+    assert not any(PROBE_PRESETS[p].noise_rows for p in ('test', 'tiny', 'small', 'paper'))
+
+def test_probe_results_follow_the_code(tmp_path, monkeypatch):
+    "A change in the code the probes run (their module or one it imports) probes the same checkpoint again."
+    import kt_paper.probes as kp
+    from kt_paper.probes import run_probes, demo_students
+    sd = demo_students(tmp_path, 'test', seed=0, probe_sets='scenes')
+    n_files = lambda: len(list((tmp_path/'probes'/'linear_scenes').glob('*.json')))
+    run_probes(tmp_path, 'test', seed=0, device='cpu', probe_sets='scenes', student_dir=sd, quiet=True)
+    assert n_files() == 2
+    monkeypatch.setattr(kp, 'code_digest', lambda *m: 'edited')
+    run_probes(tmp_path, 'test', seed=0, device='cpu', probe_sets='scenes', student_dir=sd, quiet=True)
+    assert n_files() == 4
+    run_probes(tmp_path, 'test', seed=0, device='cpu', probe_sets='scenes', student_dir=sd, quiet=True, noise_rows=('random',))
+    assert n_files() == 4                                   # which rows measure the noise changes no probe
+
+def test_nonlinear_probes_get_their_own_batch_and_the_json_records_the_recipe(tmp_path, monkeypatch):
+    "`nl_bs`: the non-linear probes' loaders have their protocol's batch; each table's JSON records the config (for the captions)."
+    import kt_paper.probes as kp
+    from kt_paper.probes import run_probes, demo_students
+    from kt_paper.core import load_json
+    sd = demo_students(tmp_path, 'test', seed=0, probe_sets='objects')
+    seen = []
+    monkeypatch.setattr(kp, 'run_nonlinear_probe', lambda net, dls, *a, **k: seen.append(dls.train.batch_size) or 0.5)
+    run_probes(tmp_path, 'test', seed=0, device='cpu', probe_sets='objects', student_dir=sd, quiet=True, nl_bs=8)
+    assert seen and set(seen) == {8} and PROBE_PRESETS['test'].bs != 8
+    cfg = load_json(tmp_path/'probes'/'nonlinear_objects.json')['config']
+    assert (cfg['nl_bs'], cfg['bs'], cfg['nl_epochs']) == (8, PROBE_PRESETS['test'].bs, PROBE_PRESETS['test'].nl_epochs)
+    from kt_paper.report import collect_results
+    note = collect_results(tmp_path)['nonlinear_imagenet'][1]
+    assert f"{PROBE_PRESETS['test'].nl_epochs} epochs × batch 8" in note and '48-px random crops' in note, note
+
+def test_paper_nonlinear_probes_follow_the_eccv_recognition_solver():
+    "350K iterations of 256 images, lr x0.1 every 100K (solver_cfn_rec.prototxt) = 70 epochs of ImageNet, drops at 20/40/60."
+    c = PROBE_PRESETS['paper']
+    assert (c.nl_bs, c.nl_lr, c.nl_epochs, c.nl_milestones, c.bs) == (256, 0.01, 70, (20, 40, 60), 64)

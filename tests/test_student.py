@@ -243,3 +243,29 @@ def test_student_recipe_options():
     lr = sched.scheds['lr']; assert lr(0.) < lr(0.25) and abs(lr(0.25) - cfg.lr) < 1e-9 and lr(1.) < cfg.lr / 100
     with pytest.raises(ValueError, match='schedule'):
         student_learner(net, None, dataclasses.replace(cfg, schedule='cosine'))
+
+def test_a_change_in_the_code_retrains_the_student(tmp_path, monkeypatch):
+    "The student's fingerprint follows the code that trains it (`code_digest('kt_paper.student')`): same inputs, other code, retrained."
+    import kt_paper.student as ks
+    cfg = STUDENT_PRESETS['test']
+    xi, yi, xv, yv = _toy(16, 8, cfg.resize)
+    args = dict(train_paths=[None]*len(yi), train_labels=yi, val_paths=[None]*len(yv), val_labels=yv, cfg=cfg,
+                n_classes=2, seed=0, images=(xi, xv), num_workers=0, out_dir=tmp_path/'s')
+    first = train_student(**args); mtime = (tmp_path/'s'/'final.pth').stat().st_mtime_ns
+    assert train_student(**args)['fingerprint'] == first['fingerprint'] and (tmp_path/'s'/'final.pth').stat().st_mtime_ns == mtime   # reused
+    monkeypatch.setattr(ks, 'code_digest', lambda *m: 'an edited kt_paper/train.py')
+    second = train_student(**args)
+    assert second['fingerprint'] != first['fingerprint'] and load_json(tmp_path/'s'/'metrics.json')['fingerprint'] == second['fingerprint']
+    assert (tmp_path/'s'/'final.pth').stat().st_mtime_ns != mtime                                                                   # retrained
+
+def test_run_student_takes_images_decoded_by_the_caller(tmp_path, monkeypatch):
+    "`images=`: the stage decodes nothing itself (the seed-noise run shares the probes' decoded set); wrong shapes are refused."
+    import kt_paper.student as ks
+    from kt_paper.data import DATA_PRESETS, dataset_roots
+    root = dataset_roots(DATA_PRESETS['test'])['imagenet']
+    tp, _, vp, _, _ = read_student_data(root)
+    imgs = ks.decode_images(tp, STUDENT_PRESETS['test'].resize), ks.decode_images(vp, STUDENT_PRESETS['test'].resize)
+    monkeypatch.setattr(ks, 'decode_images', lambda *a: pytest.fail('decoded again'))
+    r = ks.run_student(tmp_path, 'test', seed=0, device='cpu', cc_teachers='', extras=False, quiet=True, images=imgs)
+    assert r['made'] == ['random'] and (tmp_path/'student'/'random'/'final.pth').exists()
+    with pytest.raises(ValueError, match='objects images'): ks.run_student(tmp_path, 'test', device='cpu', extras=False, quiet=True, images=(imgs[0][:3], imgs[1]))
