@@ -12,9 +12,10 @@ from fastai.callback.core import Callback, CancelFitException
 from .core import atomic_path, cpu_has_bf16, environment_info, get_device, save_json
 
 # %% auto #0
-__all__ = ['PAPER_COUNTS', 'REHEARSAL_COLUMNS', 'StepTimer', 'PeakRSS', 'StageRow', 'folder_bytes', 'full_run_jobs',
-           'rehearsal_roots', 'rehearse_pretext', 'rehearse_features', 'rehearse_clustering', 'rehearse_student',
-           'rehearse_probes', 'rehearse_transfer', 'input_rates', 'run_rehearsal', 'machine_line', 'write_rehearsal']
+__all__ = ['PAPER_COUNTS', 'PAPER_CHECKED_FILES', 'REHEARSAL_COLUMNS', 'StepTimer', 'PeakRSS', 'StageRow', 'folder_bytes',
+           'full_run_jobs', 'rehearsal_roots', 'rehearse_image_check', 'rehearse_pretext', 'rehearse_features',
+           'rehearse_clustering', 'rehearse_student', 'rehearse_probes', 'rehearse_transfer', 'input_rates',
+           'run_rehearsal', 'machine_line', 'write_rehearsal']
 
 # %% ../nbs/24_rehearsal.ipynb #66545439
 class StepTimer(Callback):
@@ -118,6 +119,26 @@ def rehearsal_roots(preset:str, data_root:str|Path|None=None, seed:int=0) -> tup
         roots[r], source[r] = (p, 'preset') if p is not None and Path(p).is_dir() else (samples[r], 'sample')
         if not Path(roots[r]).is_dir(): raise FileNotFoundError(f"role {r!r}: neither {p} nor the sample {samples[r]} exists")
     return roots, source
+
+# %% ../nbs/24_rehearsal.ipynb #845228a8
+# every image and mask the data stage decodes at `paper`: ImageNet train+val, Places205 train+val, VOC07 trainval+test,
+# VOC12 segmentation train+val (images and masks), SBD train+val (images and masks)
+PAPER_CHECKED_FILES = 1_281_167 + 50_000 + 2_448_873 + 20_500 + 5_011 + 4_952 + 2 * (1_464 + 1_449) + 2 * (8_498 + 2_857)
+
+def rehearse_image_check(roots:dict, preset:str, n:int=200) -> list:
+    "The data stage's decode of every image (`image_check.check_file`), timed on `n` images in one process; projected on every usable core."
+    from kt_paper.core import usable_cores
+    from kt_paper.image_check import check_file, role_files
+    files = [f for r, root in roots.items() for fs in role_files(r, root).values() for f in fs]
+    sample = [f for f in files if f[1] == 'image'][:n]
+    check_file(sample[0])
+    with PeakRSS() as m:
+        t0 = time.perf_counter()
+        for f in sample: check_file(f)
+        s = (time.perf_counter() - t0) / len(sample)
+    total, cores = (PAPER_CHECKED_FILES if preset == 'paper' else len(set(files))), usable_cores()
+    return [StageRow('data', 'image check (every image and mask decoded)', len(sample), s, 1, 0., m.peak / 2**30, 0., 0, total / cores, 1, 0.,
+                     f'{total:,} files over {cores} worker processes (one per usable core); cached afterwards')]
 
 # %% ../nbs/24_rehearsal.ipynb #3c9fe9c7
 def rehearse_pretext(paths:list, preset:str, steps:int, device, work:Path) -> tuple[list, object]:
@@ -286,7 +307,8 @@ def run_rehearsal(preset:str='paper',               # the preset whose configura
     paths = [Path(p) for p in read_role('imagenet', roots['imagenet'], 'train').paths]
     tmp = Path(work) if work else Path(tempfile.mkdtemp(prefix='kt_rehearsal_'))
     try:
-        rows, net = rehearse_pretext(paths, preset, steps, device, tmp)
+        rows = rehearse_image_check(roots, preset)
+        pre_rows, net = rehearse_pretext(paths, preset, steps, device, tmp); rows += pre_rows
         feat_rows, feats = rehearse_features(paths, preset, net, n_images, device, tmp); rows += feat_rows
         rows += rehearse_clustering(feats, preset, device)
         rows += rehearse_student(paths, preset, steps, device)

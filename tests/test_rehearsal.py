@@ -4,13 +4,13 @@ import pytest
 from kt_paper.rehearsal import StageRow, full_run_jobs, rehearsal_roots, write_rehearsal
 from kt_paper.reproduce import main
 
-STAGES = ['pretext', 'teachers', 'clustering', 'student', 'evaluation', 'transfer']
+STAGES = ['data', 'pretext', 'teachers', 'clustering', 'student', 'evaluation', 'transfer']
 
 def test_test_sized_rehearsal_through_the_cli(tmp_path, monkeypatch):
     monkeypatch.setenv('KT_PAPER_PRECISION', 'fp32')
     main(['reproduce', '--preset', 'test', '--rehearse', '--rehearse-steps', '3', '--device', 'cpu', '--fig-dir', str(tmp_path)])
     rows = list(csv.DictReader(open(tmp_path/'rehearsal.csv')))
-    assert [r['stage'] for r in rows] == ['pretext', 'teachers', 'teachers', 'clustering', 'student', 'evaluation', 'evaluation',
+    assert [r['stage'] for r in rows] == ['data', 'pretext', 'teachers', 'teachers', 'clustering', 'student', 'evaluation', 'evaluation',
                                           'transfer', 'transfer', 'transfer']
     for r in rows:
         assert float(r['step_s']) > 0 and float(r['hours']) > 0 and float(r['full_steps']) > 0, r
