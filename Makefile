@@ -5,6 +5,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 PRESET  ?= tiny
 ARGS    ?=
+BENCH_ARGS ?=
 NB_WORKERS ?= 2
 # The tests check one program on every CPU: fp32 unless asked (`make test TEST_PRECISION=bf16`); the bf16 paths have
 # their own tests. `KT_PAPER_HIDE_BF16=1` makes a CPU with bf16 units look like one without.
@@ -42,8 +43,9 @@ pytest: install
 readme: install
 	$(BIN)/python tools/make_readme.py
 
+## Every benchmark at its real size (minutes); `make bench BENCH_ARGS=--smoke`: toy sizes, what tests/test_bench.py runs.
 bench: install
-	for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done
+	for f in bench/[!_]*.py; do echo "== $$f"; $(BIN)/python $$f $(BENCH_ARGS) || exit 1; done
 
 clean-runs:
 	rm -rf runs
