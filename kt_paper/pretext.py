@@ -22,9 +22,9 @@ from .jigsaw import (JigsawConfig, JIGSAW_PRESETS, SetEpoch, DeviceDecode, Devic
                              jigsaw_dataloaders, puzzle_paths)
 
 # %% auto #0
-__all__ = ['PRETEXT_VARIANTS', 'PLAIN_JIGSAW_PAPER', 'PRESET_VARIANTS', 'cfn_from_config', 'save_jigsaw_net', 'perms_path',
-           'load_jigsaw_net', 'jigsaw_schedule', 'jigsaw_epochs', 'scale_bias_grads_', 'jigsaw_learner', 'train_jigsaw',
-           'run_pretext', 'variant_overrides', 'pretext_variants']
+__all__ = ['PRETEXT_VARIANTS', 'PLAIN_JIGSAW_PAPER', 'PLAIN_INPUTS', 'PRESET_VARIANTS', 'cfn_from_config', 'save_jigsaw_net',
+           'perms_path', 'load_jigsaw_net', 'jigsaw_schedule', 'jigsaw_epochs', 'scale_bias_grads_', 'jigsaw_learner',
+           'train_jigsaw', 'run_pretext', 'variant_overrides', 'pretext_input', 'pretext_variants']
 
 # %% ../nbs/11_pretext.ipynb #976f18f1
 def cfn_from_config(cfg:JigsawConfig, n_perms:int|None=None) -> JigsawNet:
@@ -142,7 +142,7 @@ def run_pretext(out:str,                 # run folder; the teacher goes to `<out
                    heldout_loss=float(loss), wall_s=round(wall, 1), resumed_from_epoch=resumed_from, processes=world,
                    batch_per_process=dls.train.batch_size, steps_this_run=steps,
                    precision=precision_policy(next(learn.model.parameters()).device).name, fingerprint=fp,
-                   puzzles_on=paths[0], decode_on=paths[1],
+                   puzzles_on=paths[0], decode_on=paths[1], input=pretext_input(cfg),
                    n_train=len(dls.train.dataset), n_valid=len(dls.valid.dataset), seed=seed)
     if main:
         save_jigsaw_net(learn.model, od/'jigsaw_cfn.pth', perms)
@@ -156,10 +156,26 @@ PRETEXT_VARIANTS = {'jigsaw_plain': dict(max_occluders=0),           # the origi
 # as `perms_file` with n_perms=100), 225-px crops of 75-px cells, 64-px tiles, up to 11 px of jitter (9 + 2 of channel offsets)
 PLAIN_JIGSAW_PAPER = dict(max_occluders=0, n_perms=1000, min_dist=None, crop=225, cell=75, jitter=9)
 
-def variant_overrides(name:str, preset:str) -> dict:
-    "The `JigsawConfig` changes of pretext variant `name` at `preset` (at `paper`, plain Jigsaw is the ECCV 2016 configuration)."
+# the released ECCV 2016 code's input (caffe-master-jps, train_val_cfn_jps.prototxt): no grayscale branch
+PLAIN_INPUTS = {'jigsaw++': {}, 'eccv': dict(colour='none')}
+
+def variant_overrides(name:str, preset:str,
+                      plain_input:str='jigsaw++'  # plain Jigsaw's input: a key of `PLAIN_INPUTS` ('jigsaw++': Jigsaw++'s pipeline)
+                     ) -> dict:
+    "The `JigsawConfig` changes of pretext variant `name` at `preset` (at `paper`, plain Jigsaw has the ECCV 2016 geometry)."
     if name not in PRETEXT_VARIANTS: raise ValueError(f"unknown pretext variant {name!r}; known: {sorted(PRETEXT_VARIANTS)}")
-    return {**PRETEXT_VARIANTS[name], **(PLAIN_JIGSAW_PAPER if name == 'jigsaw_plain' and preset == 'paper' else {})}
+    if plain_input not in PLAIN_INPUTS: raise ValueError(f"plain_input must be one of {list(PLAIN_INPUTS)}, not {plain_input!r}")
+    plain = name == 'jigsaw_plain'
+    return {**PRETEXT_VARIANTS[name], **(PLAIN_JIGSAW_PAPER if plain and preset == 'paper' else {}), **(PLAIN_INPUTS[plain_input] if plain else {})}
+
+def pretext_input(cfg:JigsawConfig) -> str:
+    "A pretext run's input pipeline in words (its `metrics.json` `input`, which the captions of its table rows quote)."
+    colour = dict(paper=f'{cfg.gray_p:.0%} of the puzzles in grayscale', none='colour kept', gray='every puzzle in grayscale',
+                  code="the released Jigsaw++ code's colours (50% gray, 25% colour-projected)")[cfg.colour]
+    return (f"a centre {cfg.crop}-px crop of the image resized to a {cfg.resize}-px short side, {cfg.grid}x{cfg.grid} cells of {cfg.cell} px, "
+            f"{cfg.tile}-px tiles jittered by up to {cfg.jitter} px (+{cfg.chan_jitter} per colour channel), every tile standardised"
+            + (f" and x{cfg.tile_scale:g}" if cfg.tile_scale != 1 else '') + f", {colour}, {cfg.n_perms} permutations, "
+            + (f"0-{cfg.max_occluders} tiles from another image" if cfg.max_occluders else 'no tile from another image'))
 PRESET_VARIANTS = {'test': (), 'tiny': (), 'small': ('jigsaw_plain',), 'medium': (), 'paper': ('jigsaw_plain', 'jigsaw_vgg')}
 
 def pretext_variants(spec:str, # 'auto' (the preset's `PRESET_VARIANTS`), '' (none) or comma-separated names
