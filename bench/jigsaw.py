@@ -14,7 +14,8 @@ The last two lines are `speedup: X` (builder vs reference, paper sizes) and `dat
 Usage: .venv/bin/python bench/jigsaw.py [--quick] [--smoke]
   --quick (or BENCH_QUICK=1): fewer puzzles and iterations (noisier);
   --smoke: the same code paths at toy sizes (a few puzzles from 3 photos, 2 training steps of 16 puzzles on the built-in
-           `test`-scale dataset, no download), seconds: what `tests/test_bench.py` runs so that an import or API change fails CI. Its numbers mean nothing.
+           `test`-scale dataset, no download), seconds: what `tests/test_bench.py` runs so that an import or API change
+           fails CI. Its numbers mean nothing.
 """
 import argparse, dataclasses, os, time, warnings
 warnings.filterwarnings('ignore')

@@ -174,7 +174,7 @@ def transfer_case(preset, steps, warmup):
 
 CASES = dict(student=student_case, pretext=pretext_case, probes=probe_case, transfer=transfer_case)
 
-def variants_low(dev): return 'bf16' if dev.type == 'cpu' or torch.cuda.is_bf16_supported() else 'fp16'
+def low_precision(dev): return 'bf16' if dev.type == 'cpu' or torch.cuda.is_bf16_supported() else 'fp16'
 
 def main():
     ap = argparse.ArgumentParser()
@@ -198,7 +198,7 @@ def main():
         print(f"machine: {cpu_name()}, {torch.get_num_threads()} threads, bf16 units: {cpu_has_bf16()}, torch {torch.__version__}, preset {a.preset}")
         variants = [('fp32', False), ('fp32', True)] + ([('bf16', False), ('bf16', True)] if cpu_has_bf16() or a.emulated_bf16 else [])
     if a.smoke and len(variants) > 2 and not a.emulated_bf16:
-        variants = variants[:2]; print(f"smoke: bare loops in fp32 only (the {variants_low(DEVICE)} variants are skipped to save time)")
+        variants = variants[:2]; print(f"smoke: bare loops in fp32 only (the {low_precision(DEVICE)} variants are skipped to save time)")
     elif len(variants) == 2: print("no bf16 units: the bare bf16 loops (emulated, several times slower than fp32) are skipped; --emulated-bf16 times them")
     premade_min, same_min = [], []
     for case in (CASES[c] for c in a.cases):
