@@ -418,6 +418,9 @@ def run_seed_spread(out:str|Path,               # a run folder whose clustering 
     first = out/'probes'/f'linear_{probe_set}.json'
     if not first.exists(): raise FileNotFoundError(f"{first}: run the evaluation stage first (the first seed's probes)")
     o2, log = out/f'seed{other}', (lambda *a: None) if quiet else print
+    if unprobed := [r for r in rows if r not in load_json(first)['top1']]:   # nothing to compare them with
+        log(f"noise rows {unprobed}: not probed at seed {seed} ({first}); left out")
+        if not (rows := tuple(r for r in rows if r not in unprobed)): raise RuntimeError(f"none of the noise rows was probed in {first}")
     cfg, scfg = pick_preset(PROBE_PRESETS, preset, **overrides), pick_preset(STUDENT_PRESETS, preset)
     root = probe_set_roots((probe_set,), pick_preset(DATA_PRESETS, preset), data_root, seed=seed)[probe_set]
     split = probe_split(root, cfg)   # decoded once, for the students too where the images are the same

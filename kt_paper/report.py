@@ -231,12 +231,13 @@ def probe_recipe(kind:str,           # 'linear' or 'nonlinear'
                 ) -> str:
     "The crops and schedule of a probe table, in words, from its recorded config."
     if not cfg: return 'crops and schedule not recorded'
-    ms = lambda m: f"lr ÷10 at epochs {', '.join(map(str, m))}" if m else 'constant lr'
+    ms = lambda m: f"lr ÷10 at epoch{'s' * (len(m) > 1)} {', '.join(map(str, m))}" if m else 'constant lr'
+    ep = lambda n: f"{n} epoch{'s' * (n != 1)}"
     crops = f"{cfg['crop']}-px random crops, mirrored, of {cfg['resize']}-px images (centre crop at test)"
     if kind == 'linear':
         return (f"{crops}; each frozen conv map {'average-pooled' if cfg.get('pool') == 'avg' else 'bilinearly resized'} to Zhang "
-                f"et al.'s grid, then BN and one linear layer; {cfg['lin_epochs']} epochs × batch {cfg['bs']}, lr {cfg['lin_lr']}, {ms(cfg['lin_milestones'])}")
-    return (f"{crops}; layers above the cut re-initialised and trained; {cfg['nl_epochs']} epochs × batch "
+                f"et al.'s grid, then BN and one linear layer; {ep(cfg['lin_epochs'])} × batch {cfg['bs']}, lr {cfg['lin_lr']}, {ms(cfg['lin_milestones'])}")
+    return (f"{crops}; layers above the cut re-initialised and trained; {ep(cfg['nl_epochs'])} × batch "
             f"{cfg.get('nl_bs') or cfg['bs']}, lr {cfg['nl_lr']}, {ms(cfg['nl_milestones'])}")
 
 def _probe_results(out:Path) -> dict:

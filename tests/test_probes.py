@@ -1,5 +1,5 @@
 "Tests of kt_paper.probes: pooled feature sizes, frozen trunks, linear and non-linear probes."
-import pytest, torch
+import json, pytest, torch
 from dataclasses import replace
 from kt_paper.student import synthetic_images, STUDENT_PRESETS
 from kt_paper.nets import build_alexnet, CONV_LAYERS, layer_outputs
@@ -213,6 +213,16 @@ def test_seed_spread_of_fewer_rows_compares_only_those(clustered_run):
     assert not (clustered_run/'seed2'/'student'/'cc_hog').exists()
     assert 'of Random: Random drawn again' in res['measure'] and 'the other rows were not re-seeded' in res['measure']
 
+def test_seed_spread_leaves_out_rows_the_first_seed_did_not_probe(clustered_run):
+    "A row with clusters but no first-seed probe (e.g. CC+Random-teacher outside `medium`) is not trained again: nothing to compare."
+    from kt_paper.probes import run_seed_spread
+    f = clustered_run/'probes'/'linear_objects.json'; saved = f.read_text()
+    try:
+        d = json.loads(saved); del d['top1']['cc_hog']; f.write_text(json.dumps(d))
+        res = run_seed_spread(clustered_run, 'test', seed=0, other_seed=3, device='cpu', quiet=True, rows=('cc_hog', 'random'))
+    finally: f.write_text(saved)
+    assert res['rows'] == ['Random'] and not (clustered_run/'seed3'/'student'/'cc_hog').exists()
+
 def test_medium_measures_its_noise_on_two_rows():
     from kt_paper.probes import PROBE_PRESETS
     assert PROBE_PRESETS['medium'].noise_rows == ('cc_jigsaw', 'random')
@@ -246,7 +256,8 @@ def test_nonlinear_probes_get_their_own_batch_and_the_json_records_the_recipe(tm
     assert (cfg['nl_bs'], cfg['bs'], cfg['nl_epochs']) == (8, PROBE_PRESETS['test'].bs, PROBE_PRESETS['test'].nl_epochs)
     from kt_paper.report import collect_results
     note = collect_results(tmp_path)['nonlinear_imagenet'][1]
-    assert f"{PROBE_PRESETS['test'].nl_epochs} epochs × batch 8" in note and '48-px random crops' in note, note
+    n = PROBE_PRESETS['test'].nl_epochs
+    assert f"{n} epoch{'s' * (n != 1)} × batch 8" in note and '48-px random crops' in note, note
 
 def test_paper_nonlinear_probes_follow_the_eccv_recognition_solver():
     "350K iterations of 256 images, lr x0.1 every 100K (solver_cfn_rec.prototxt) = 70 epochs of ImageNet, drops at 20/40/60."
