@@ -15,7 +15,7 @@ __all__ = ['NOT_GIVEN', 'NOT_RECOVERED', 'PAPER', 'MODEL_ROWS', 'DOMAIN_NAMES', 
            'ComparisonTable', 'markdown_table', 'csv_table', 'write_table', 'to_markdown', 'to_csv', 'to_latex',
            'write_comparison', 'paper_table', 'voc_protocols', 'probe_recipe', 'cls_map', 'collect_results',
            'claim_margin', 'claim_status', 'claim_tables', 'claim_noise', 'claims', 'read_noise', 'noise_of_run',
-           'noise_note', 'write_claims', 'seed_spread', 'plain_jigsaw_note', 'run_preset', 'write_report',
+           'noise_note', 'write_claims', 'seed_spread', 'plain_jigsaw_note', 'run_preset', 'run_seed', 'write_report',
            'student_label', 'transfer_rows', 'describe_setup', 'transfer_cell', 'write_transfer_table',
            'ablation_students', 'k_ablation_rows', 'domain_ablation_rows']
 
@@ -413,11 +413,12 @@ _STATUS_NOTE = ("Status: **held** when the margin is on the claim's side of its 
                 "measured no noise for those tables.")
 
 def write_claims(rows:list[dict], fig_dir:str|Path, preset:str,
-                 noise:str=''   # what the noise is, in words (`noise_note`)
+                 noise:str='',          # what the noise is, in words (`noise_note`)
+                 seed:int|str='?'       # the run's seed
                 ) -> list[Path]:
     "`claims.md` (with its caption) and `claims.csv` under `fig_dir`."
-    cap = (f"### The paper's claims, checked on this run (preset `{preset}`)\n\nMargins in points of the table each claim reads "
-           f"(linear-probe top-1, VOC mAP), ours and the paper's on the same comparison; at presets other than `paper` the data "
+    cap = (f"### The paper's claims, checked on this run (preset `{preset}`, seed {seed})\n\nMargins in points of the table each claim reads "
+           f"(linear-probe top-1, VOC mAP: their data, splits, crops and schedules are in the tables' notes), ours and the paper's on the same comparison; at presets other than `paper` the data "
            f"and scale differ, so a margin's side is what compares. {_STATUS_NOTE} Noise: {noise or 'not given.'}")
     fmt = lambda k, v: '—' if v is None else f'{v:+.2f}' if k in ('ours', 'paper') else f'{v:.2f}' if k == 'noise' else str(v)
     stem = Path(fig_dir)/'claims'
@@ -449,6 +450,11 @@ def run_preset(out:str|Path) -> str|None:
     f = Path(out)/'manifest.json'
     return json.loads(f.read_text()).get('preset') if f.exists() else None
 
+def run_seed(out:str|Path) -> int|None:
+    "The seed of the run in `out` (its `manifest.json`'s parameters), or None."
+    f = Path(out)/'manifest.json'
+    return json.loads(f.read_text()).get('parameters', {}).get('SEED') if f.exists() else None
+
 def write_report(out:str|Path, fig_dir:str|Path, preset:str|None=None) -> list[Path]:
     "Write every paper table, filled with the run's numbers where it has them, and the claims scoreboard, under `fig_dir`."
     res, paths = collect_results(out), []
@@ -461,7 +467,9 @@ def write_report(out:str|Path, fig_dir:str|Path, preset:str|None=None) -> list[P
         t.paper = {**{(r, c): NOT_GIVEN for r in rows for c in cols if r not in t.rows or c not in t.cols}, **t.paper}
         t.rows, t.cols = rows, cols
         paths += write_comparison(t, fig_dir)
-    return paths + write_claims(claims({n: r[0] for n, r in res.items()}, preset, noise_of_run(out)), fig_dir, preset, noise_note(out))
+    seed = run_seed(out)
+    return paths + write_claims(claims({n: r[0] for n, r in res.items()}, preset, noise_of_run(out)), fig_dir, preset, noise_note(out),
+                                '?' if seed is None else seed)
 
 # %% ../nbs/21_report.ipynb #5c2c41f0
 STUDENT_LABELS = {'random': 'Random', 'jigsaw_direct': 'Jigsaw++ (direct)', 'supervised': 'Supervised',
