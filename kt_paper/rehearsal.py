@@ -242,10 +242,13 @@ def rehearse_probes(paths:list, preset:str, steps:int, device) -> list:
     with PeakRSS() as m: fit(linear_probe_learner(LinearProbes(net, 1000, input_size=cfg.crop, pool=cfg.pool).to(get_device(device)), dls, cfg), 1, quiet=True, cbs=[t])
     rows.append(_row('evaluation', 'linear probes conv1-5 (ImageNet), images', _timed(t), cfg.bs, m, 0, cfg.lin_epochs * math.ceil(n_full / cfg.bs),
                      jobs['probe_models'], 0., f'{cfg.lin_epochs} epochs of {n_full} images per model; Places205 ({PAPER_COUNTS["places_train"]}) costs 1.9x more'))
-    t = StepTimer(steps)
+    t, nl_bs = StepTimer(steps), cfg.nl_bs or cfg.bs   # the non-linear probes' own batch (the ECCV 2016 solver's at `paper`)
+    nl_n = nl_bs * steps; nl_ps = [str(p) for p in (paths * math.ceil(nl_n / len(paths)))[:nl_n]]
+    nl_y = np.random.default_rng(0).integers(0, 1000, nl_n)
+    nl_dls = probe_dls((nl_ps, nl_y), (nl_ps[:nl_bs], nl_y[:nl_bs]), dataclasses.replace(cfg, bs=nl_bs))
     nl = nonlinear_probe_model(net, 'conv5', 1000).to(get_device(device))
-    with PeakRSS() as m: fit(nonlinear_probe_learner(nl, dls, cfg), 1, quiet=True, cbs=[t])
-    rows.append(_row('evaluation', 'non-linear probe from conv5 (ImageNet), images', _timed(t), cfg.bs, m, 0, cfg.nl_epochs * math.ceil(n_full / cfg.bs),
+    with PeakRSS() as m: fit(nonlinear_probe_learner(nl, nl_dls, cfg), 1, quiet=True, cbs=[t])
+    rows.append(_row('evaluation', 'non-linear probe from conv5 (ImageNet), images', _timed(t), nl_bs, m, 0, cfg.nl_epochs * math.ceil(n_full / nl_bs),
                      len(cfg.nl_layers) * jobs['probe_models'], 0.,
                      f'{cfg.nl_epochs} epochs per layer, {len(cfg.nl_layers)} layers for each of {jobs["probe_models"]} models'))
     return rows
