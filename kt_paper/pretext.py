@@ -17,7 +17,7 @@ from fastai.callback.schedule import ParamScheduler
 from .nets import JigsawNet, build_cfn
 from .permutations import save_permutations
 from .train import fit, step_lr, one_cycle, one_cycle_mom, checkpoint_state, precision_policy, process_batch_size, digest, image_ids, sgd, adam
-from .core import pick_preset, seed_everything, get_device, fingerprint, save_checkpoint, load_checkpoint
+from .core import code_digest, pick_preset, seed_everything, get_device, fingerprint, save_checkpoint, load_checkpoint
 from .jigsaw import (JigsawConfig, JIGSAW_PRESETS, SetEpoch, DeviceDecode, DevicePuzzles, config_permutations,
                              jigsaw_dataloaders, puzzle_paths)
 
@@ -124,7 +124,7 @@ def run_pretext(out:str,                 # run folder; the teacher goes to `<out
     cfg = dataclasses.replace(cfg, puzzles_on=(paths := puzzle_paths(cfg, get_device(device)))[0])
     fp_cfg = {k: v for k, v in dataclasses.asdict(cfg).items() if not (k in ('puzzles_on', 'decode_on') and v == 'loader')}  # runs from before the switches match
     fp = fingerprint(fp_cfg, seed, digest(perms), digest(image_ids(train_paths[:cfg.n_train])),
-                     digest(image_ids(valid_paths[:cfg.n_valid])))
+                     digest(image_ids(valid_paths[:cfg.n_valid])), code_digest('kt_paper.pretext'))   # and the code that trains it
     if not resume and main and checkpoint_state(od): (od/'last_state.json').unlink()   # a fresh run: forget the old one
     if world > 1: dist.barrier()
     loader = functools.partial(ktdata.load_rgb, min_side=cfg.resize) if cfg.draft_decode else ktdata.load_rgb
