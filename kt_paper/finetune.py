@@ -4,7 +4,7 @@
 
 # %% ../nbs/18_finetune.ipynb #d7811aac
 from __future__ import annotations
-import copy, time
+import copy, functools, time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -17,9 +17,9 @@ import torchvision.transforms.v2.functional as TF
 from fastai.learner import Learner
 from fastai.callback.core import Callback
 from fastai.callback.schedule import ParamScheduler
-from fastai.callback.training import GradientClip
+from fastai.callback.training import GradientAccumulation, GradientClip
 from fastai.data.core import DataLoaders
-from .core import get_device, default_num_workers
+from .core import get_device, default_num_workers, code_digest
 from .data import VOC_CLASSES, DataError, find_sbd, load_rgb, read_sbd, read_voc, read_voc_segmentation
 from .data import voc_dir as ktvoc_dir
 from .nets import cut_at
@@ -27,9 +27,9 @@ from .train import EpochSeed, digest, fit, sgd, step_lr
 
 # %% auto #0
 __all__ = ['VOCImage', 'read_voc_split', 'class_labels', 'read_voc_seg_split', 'ImageStore', 'conv_trunk', 'trunk_channels',
-           'student_fc_dim', 'epoch_plan', 'StepDraws', 'EpochSlice', 'DrawEpoch', 'step_learner', 'train_steps',
-           'loader_workers', 'final_loss', 'voc_digest', 'resize_short', 'draw_crop', 'random_crop_flip', 'eval_layout',
-           'nonempty_split', 'run_seconds']
+           'student_fc_dim', 'epoch_plan', 'StepDraws', 'EpochSlice', 'DrawEpoch', 'iter_size', 'bias_split',
+           'bias_mults', 'step_learner', 'train_steps', 'loader_workers', 'final_loss', 'code_key', 'voc_digest',
+           'resize_short', 'draw_crop', 'random_crop_flip', 'eval_layout', 'nonempty_split', 'run_seconds']
 
 # %% ../nbs/18_finetune.ipynb #13d8fb0d
 @dataclass(frozen=True)
@@ -110,7 +110,7 @@ def epoch_plan(iters:int,   # SGD steps of the run
 
 # %% ../nbs/18_finetune.ipynb #d9d1659f
 class StepDraws(torch.utils.data.Dataset):
-    "The `iters · bs` training draws of a step-counted run: draw `k` is `item(i, g)` of a uniform `i`, `g` seeded from `(seed, k)`."
+    "The `iters · bs` training draws of a step-counted run (`bs`: images per step): draw `k` is `item(i, g)` of a uniform `i`, `g` seeded from `(seed, k)`."
     def __init__(self, n_items:int, iters:int, bs:int, seed:int=0):
         if n_items < 1: raise ValueError("no training items to draw from")
         self.n_items, self.iters, self.bs, self.seed = n_items, iters, bs, seed
@@ -135,11 +135,27 @@ class DrawEpoch(Callback):
     def before_train(self): self.dls.train.sampler.epoch = self.epoch
 
 # %% ../nbs/18_finetune.ipynb #ebdfec4d
+def iter_size(cfg) -> int:
+    "Batches per SGD step of a protocol config: its `iter_size` (Caffe's gradient accumulation), else 1."
+    return int(getattr(cfg, 'iter_size', 1))
+
+def bias_split(net:nn.Module) -> list[list]:
+    "A fastai splitter: `[biases, every other parameter]`; a bias is a parameter whose name ends in `bias` (conv, linear, BatchNorm shift)."
+    b, w = [], []
+    for n, p in net.named_parameters():
+        if p.requires_grad: (b if n.endswith('bias') else w).append(p)
+    return [b, w]
+
+def bias_mults(cfg) -> tuple[float, float]:
+    "A protocol config's `(bias_lr_mult, bias_decay_mult)`: Caffe's `lr_mult` and `decay_mult` of the biases (default 1, 1)."
+    return float(getattr(cfg, 'bias_lr_mult', 1.)), float(getattr(cfg, 'bias_decay_mult', 1.))
+
 def step_learner(net:nn.Module,         # the network to fine-tune
-                 draws:StepDraws,       # the training draws (`cfg.iters · cfg.bs` of them)
-                 cfg,                   # a protocol config: iters, bs, lr, momentum, wd, clip
+                 draws:StepDraws,       # the training draws (`cfg.iters · cfg.bs · iter_size(cfg)` of them)
+                 cfg,                   # a protocol config: iters, bs, lr, momentum, wd, clip (and optionally iter_size,
+                                        #   bias_lr_mult, bias_decay_mult)
                  loss_func,             # `loss_func(prediction, *targets)`
-                 steps_per_epoch:int,   # batches per epoch (see `epoch_plan`)
+                 steps_per_epoch:int,   # SGD steps per epoch (see `epoch_plan`); `iter_size(cfg)` batches each
                  device='cpu',
                  seed:int=0,            # per-epoch reseeding (`train.EpochSeed`): dropout, torchvision's sampling
                  num_workers:int|None=None, # loader workers (None: `core.default_num_workers()`, 0 under test)
@@ -147,19 +163,22 @@ def step_learner(net:nn.Module,         # the network to fine-tune
                  n_inp:int=1,           # how many leading batch elements go to the network
                  cbs=None               # extra callbacks
                 ) -> Learner:
-    "A fastai `Learner` of `net` on `draws` in epochs of `steps_per_epoch` batches, with the protocol's SGD."
+    "A fastai `Learner` of `net` on `draws` in epochs of `steps_per_epoch` SGD steps, with the protocol's SGD (biases in their own group when their multipliers are not 1)."
     device = get_device(device)
-    nw = default_num_workers() if num_workers is None else num_workers
-    tdl = torch.utils.data.DataLoader(draws, cfg.bs, sampler=EpochSlice(steps_per_epoch * cfg.bs), collate_fn=collate_fn or getattr(draws, 'collate_fn', None),
+    nw, acc = default_num_workers() if num_workers is None else num_workers, iter_size(cfg)
+    tdl = torch.utils.data.DataLoader(draws, cfg.bs, sampler=EpochSlice(steps_per_epoch * acc * cfg.bs), collate_fn=collate_fn or getattr(draws, 'collate_fn', None),
                                       num_workers=nw, pin_memory=device.type == 'cuda',
                                       # workers' seeds from its own generator, not the global one (dropout's); workers
                                       # not persistent: ones left to the garbage collector stalled the next run for seconds
                                       generator=torch.Generator().manual_seed(seed), persistent_workers=False)
     dls = DataLoaders(tdl, torch.utils.data.DataLoader([]), device=device)
     dls.n_inp = n_inp
-    cbs = [EpochSeed(seed), DrawEpoch()] + ([GradientClip(cfg.clip)] if cfg.clip else []) + list(cbs or [])
+    cbs = ([EpochSeed(seed), DrawEpoch()] + ([GradientClip(cfg.clip)] if cfg.clip else []) +
+           ([GradientAccumulation(acc * cfg.bs)] if acc > 1 else []) + list(cbs or []))
+    lr_mult, decay_mult = bias_mults(cfg)
+    groups = dict(splitter=bias_split, wd=[cfg.wd * decay_mult, cfg.wd]) if (lr_mult, decay_mult) != (1, 1) else dict(wd=cfg.wd)
     learn = Learner(dls, net.to(device), loss_func=loss_func, opt_func=partial(sgd, mom=cfg.momentum, decouple_wd=False),
-                    lr=cfg.lr, wd=cfg.wd, wd_bn_bias=True, cbs=cbs)
+                    lr=cfg.lr, wd_bn_bias=True, cbs=cbs, **groups)
     learn.recorder.valid_metrics = False
     return learn
 
@@ -173,10 +192,11 @@ def train_steps(net:nn.Module, draws:StepDraws, cfg, loss_func,
                 quiet:bool|None=None,        # no progress (default: under test)
                 cbs=None                     # extra callbacks
                ) -> Learner:
-    "Train `net` for `cfg.iters` steps of `cfg.bs` draws with `step_lr(cfg.lr, cfg.milestones, cfg.iters, cfg.gamma)`, through `train.fit`."
+    "Train `net` for `cfg.iters` SGD steps of `iter_size(cfg)` batches of `cfg.bs` draws with `step_lr(cfg.lr, cfg.milestones, cfg.iters, cfg.gamma)` (biases at `bias_lr_mult` times it), through `train.fit`."
     n_epoch, steps = epoch_plan(cfg.iters, every)
     learn = step_learner(net, draws, cfg, loss_func, steps, device, seed, num_workers, collate_fn, n_inp, cbs)
-    sched = ParamScheduler({'lr': step_lr(cfg.lr, cfg.milestones, cfg.iters, cfg.gamma)})
+    lr, mult = step_lr(cfg.lr, cfg.milestones, cfg.iters, cfg.gamma), bias_mults(cfg)
+    sched = ParamScheduler({'lr': lr if mult == (1, 1) else (lambda pct: [lr(pct) * mult[0], lr(pct)])})   # groups: biases, the rest
     learn.resumed_from_step = steps * fit(learn, n_epoch, folder, fingerprint, quiet=quiet, precision=precision, cbs=[sched])
     return learn
 
@@ -190,6 +210,11 @@ def final_loss(learn:Learner) -> float|None:
     return round(float(learn.recorder.losses[-1]), 5) if learn.recorder.losses else None
 
 # %% ../nbs/18_finetune.ipynb #9843ec85
+@functools.cache
+def code_key(module:str) -> str:
+    "`core.code_digest(module)`: the source of `module` and of every kt_paper module it imports, read once per process."
+    return code_digest(module)
+
 def voc_digest(images:list) -> str:
     "A digest of VOC images' ids and objects (boxes, classes, difficult flags)."
     return digest([f'{im.id}:{im.boxes.tolist()}:{im.labels.tolist()}:{im.difficult.tolist()}' for im in images])

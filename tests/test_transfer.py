@@ -10,7 +10,7 @@ from kt_paper.finetune import (VOCImage, read_voc_split, read_voc_seg_split, cla
                                epoch_plan, StepDraws, train_steps, random_crop_flip)
 from kt_paper.transfer import (TRANSFER_PRESETS, ClsConfig, TransferConfig, TrunkClassifier, masked_bce, det_target,
                                to_voc_boxes, voc07_classification, voc07_detection, transfer_student, find_students, run_transfer)
-from kt_paper.segmentation import SegConfig, FCN32, read_mask, voc12_segmentation
+from kt_paper.segmentation import SegConfig, LightFCN, read_mask, voc12_segmentation
 from kt_paper.report import (transfer_rows, write_transfer_table, TRANSFER_COLUMNS, ablation_students, k_ablation_rows,
                              domain_ablation_rows, student_label, describe_setup)
 from kt_paper.nets import build_alexnet, save_alexnet
@@ -88,7 +88,7 @@ def test_trunks_and_heads(alexnet):
     assert alexnet.features.conv1.conv.weight.abs().sum() > 0
     clf = TrunkClassifier(conv_trunk(alexnet), 48, 20, 32)
     assert clf(torch.zeros(2, 3, 48, 48)).shape == (2, 20)
-    fcn = FCN32(conv_trunk(alexnet, False), 21, 16)
+    fcn = LightFCN(conv_trunk(alexnet, False), 21, 16)
     assert fcn(torch.zeros(1, 3, 50, 70)).shape == (1, 21, 50, 70)  # upsampled to the input size
 
 
@@ -97,6 +97,29 @@ def test_masked_bce_ignores_difficult():
     a = masked_bce(l, torch.tensor([[1, -1, 0]]))
     b = masked_bce(l[:, :2], torch.tensor([[1, -1]]))
     assert torch.allclose(a, b)
+
+
+def test_masked_bce_sums_classes_per_image():
+    "The reference's SigmoidCrossEntropyLoss: zero logits, all-positive labels, 2 images -> 20 ln 2 (summed over the classes, / images)."
+    import math
+    assert masked_bce(torch.zeros(2, 20), torch.ones(2, 20, dtype=torch.long)).item() == pytest.approx(20 * math.log(2))
+    half = torch.ones(2, 20, dtype=torch.long); half[1] = 0                  # the second image: all difficult, still counted as an image
+    assert masked_bce(torch.zeros(2, 20), half).item() == pytest.approx(10 * math.log(2))
+
+
+def test_classification_biases_at_twice_the_lr(toy_voc, alexnet):
+    "philkr/voc-classification's setLR(t, 1, 2) and setDecay(t, 1, 1): biases at lr x2, with the weights' weight decay."
+    from kt_paper.transfer import ClsDraws
+    from kt_paper.finetune import ImageStore
+    p = TRANSFER_PRESETS['paper'].cls
+    assert (p.bias_lr_mult, p.bias_decay_mult, p.lr, p.clip) == (2., 1., 1e-3, 10.)
+    ims = read_voc_split(toy_voc[0], 'trainval')
+    cfg = dataclasses.replace(CLS, iters=1)
+    net = TrunkClassifier(conv_trunk(alexnet), cfg.crop, 20, 32)
+    learn = train_steps(net, ClsDraws(ImageStore([i.path for i in ims]), torch.from_numpy(class_labels(ims)), cfg), cfg, masked_bce, precision='fp32')
+    assert [h['lr'] for h in learn.opt.hypers] == pytest.approx([2 * cfg.lr, cfg.lr]) and [h['wd'] for h in learn.opt.hypers] == pytest.approx([cfg.wd] * 2)
+    biases = {id(q) for q in learn.opt.param_lists[0]}
+    assert {n for n, q in learn.model.named_parameters() if id(q) in biases} == {n for n, _ in learn.model.named_parameters() if n.endswith('bias')}
 
 
 def test_lr_schedule_paper_presets():
@@ -177,7 +200,7 @@ def test_classification_learns_colours(toy_voc, alexnet):
 
 def test_segmentation_runs_and_scores(toy_voc, alexnet):
     "80 steps on 8 images with one colour-coded object each: the objects are segmented (not only the background)."
-    cfg = SegConfig(iters=80, bs=4, lr=.05, milestones=(60,), crop=48, scale_range=(.9, 1.1), head_dim=32, dropout=0.)
+    cfg = SegConfig(iters=80, bs=4, iter_size=1, lr=.05, milestones=(60,), crop=48, scale_range=(.9, 1.1), head='light', head_dim=32, dropout=0.)
     r = voc12_segmentation(alexnet, toy_voc[1], cfg, seed=0)
     assert r['n_test'] == 4 and r['n_defined'] >= 4                               # bg + the 3 classes present in val
     assert r['miou'] > .4 and min(r['iou'][c] for c in ('aeroplane', 'bicycle', 'bird')) > .2, r['iou']
@@ -308,5 +331,5 @@ def test_segmentation_splits_follow_the_fcn_reference_when_present(toy_voc, tmp_
     assert seg_splits(voc, SegConfig()) == ('sbd_train', 'seg11valid')
     assert seg_splits(voc, SegConfig(train_split='train', test_split='val')) == ('train', 'val')
     r = voc12_segmentation(build_alexnet(20, width=.125, bn=True, conv1_stride=2, input_size=48), voc,
-                           SegConfig(iters=2, bs=2, lr=1e-2, milestones=(1,), crop=48, head_dim=16), seed=0)
+                           SegConfig(iters=2, bs=2, iter_size=1, lr=1e-2, milestones=(1,), crop=48, head='light', head_dim=16), seed=0)
     assert (r['train_split'], r['test_split'], r['n_train'], r['n_test']) == ('sbd_train', 'seg11valid', 3, 2)
