@@ -39,7 +39,7 @@ class SegConfig:
     bias_lr_mult:float=2.           # biases at twice the lr (the reference's `lr_mult: 2`) ...
     bias_decay_mult:float=0.        # ... and without weight decay (its `decay_mult: 0`)
     clip:float=0.                   # gradient-norm clipping (0 = off, as the reference)
-    head:str='reference'            # 'reference': pool5 kept, conv fc6/fc7, bilinear x32 transposed conv, crop (`FCN32`);
+    head:str='reference'            # 'reference': pool5 kept, conv fc6/fc7, fixed bilinear upsampling by the stride, crop (`FCN32`);
                                     #   'light': no pool5, 3x3 fc6, scores resized to the input (`LightFCN`)
     conv1_pad:int=100               # 'reference' head: conv1's zero padding (the reference's 100)
     fc6_kernel:int|None=None        # 'reference' head: fc6's kernel (None: the student's pool5 side, 6 for a 227-px AlexNet)

@@ -240,6 +240,23 @@ def test_transfer_student_caches_and_tables(toy_voc, alexnet, tmp_path):
     assert 'seed 0' in describe_setup(cfg, 'custom', 0, {'x': res}) and student_label('jigsaw_direct') == 'Jigsaw++ (direct)'
 
 
+def test_stored_results_follow_the_code(toy_voc, alexnet, tmp_path, monkeypatch):
+    "A stored result is read back only while its protocol's code digest is the same (kt_paper.transfer for cls/det, kt_paper.segmentation for seg)."
+    import kt_paper.transfer as T
+    cfg = TransferConfig(cls=dataclasses.replace(CLS, iters=1), ckpt_every=0)
+    run = lambda: transfer_student('s', alexnet, cfg, toy_voc[0], None, tmp_path, ('cls',), 'custom', 0)['cls']
+    a = run(); f = tmp_path/'transfer'/'s'/'cls.json'; mtime = f.stat().st_mtime_ns
+    assert run()['key'] == a['key'] and f.stat().st_mtime_ns == mtime             # same code: read back
+    asked = []
+    monkeypatch.setattr(T, 'code_key', lambda m: asked.append(m) or f'edited {m}')  # as if kt_paper/transfer.py had changed
+    b = run()
+    assert b['key'] != a['key'] and f.stat().st_mtime_ns != mtime and 'kt_paper.transfer' in asked
+    asked.clear()
+    seg = dataclasses.replace(cfg, seg=SegConfig(iters=1, bs=2, iter_size=1, lr=1e-2, milestones=(1,), crop=48, head='light', head_dim=8, n_test=1))
+    transfer_student('s', alexnet, seg, None, toy_voc[1], tmp_path, ('seg',), 'custom', 0)
+    assert asked[0] == 'kt_paper.segmentation'
+
+
 @pytest.mark.skipif(not MINI.exists(), reason=f'real VOC sample not found at {MINI}')
 def test_real_voc2007_mini_smoke(alexnet):
     "Classification and detection run on the 100 genuine VOC2007 images; AP is undefined exactly for the 4 absent classes."
