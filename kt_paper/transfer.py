@@ -113,11 +113,11 @@ def _light_seg(iters, bs, crop, head_dim, ms, lr=1e-2):   # the light head on ra
     return SegConfig(iters=iters, bs=bs, iter_size=1, lr=lr, milestones=ms, crop=crop, head='light', head_dim=head_dim)
 
 # Classification at the small presets: the paper's lr 1e-3 with the reference's loss (summed over the classes, per image)
-# and biases at lr x2. At `tiny` (4 students, seed 0, 2-core Xeon) lr 1e-3 gave mAP 13.8-15.8 (mean 14.8); 3e-3: 14.6;
-# 5e-4: 13.9; 1e-2: 12.5-13.3 (mean 13.0).
-# Segmentation at `small`, `tiny` and `medium`: the light head on random crops. At `tiny` the reference head (whole images,
-# conv1 padded by 30, 40 steps x iter_size 2-4) took 5.0-7.1 s per student against 1.7-1.9 s for the light one, and on
-# the built-in VOC12 both predicted background only (mIoU 4.4 for every student). `test` runs the reference head.
+# and biases at lr x2. At `tiny` (4 students of one run, seed 0, one 100-step run each on a 2-core AMD EPYC) lr 1e-3 gave
+# mAP 13.8-15.8 (mean 14.8); 3e-3: mean 14.6; 5e-4: mean 13.9; 1e-2: 12.5-13.3 (mean 13.0).
+# Segmentation at `small`, `tiny` and `medium`: the light head on random crops. At `tiny` (same machine, shared) the reference
+# head (whole images, conv1 padded by 30, 40 steps x iter_size 2-4) took 5.0-7.1 s per student against 1.7-1.9 s for the light one, and on
+# the built-in VOC12 both predicted background only (mIoU 4.4 for each of the 3 students tried). `test` runs the reference head.
 TRANSFER_PRESETS = {
     'paper': TransferConfig(),
     'small': TransferConfig(
