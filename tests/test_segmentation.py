@@ -145,7 +145,7 @@ def test_whole_images_accumulate_and_biases_have_their_own_group(voc12_sbd, stud
 
 def test_reference_head_learns_the_objects(voc12_sbd, student):
     "Whole-image training of the reference head (batch 1, iter_size 2) on 6 images of one coloured box each: the boxes of the 4 val images are segmented."
-    cfg = SegConfig(iters=60, iter_size=2, lr=2e-2, milestones=(45,), head_dim=32, conv1_pad=30, dropout=0., train_split='train')
+    cfg = SegConfig(iters=100, iter_size=2, lr=4e-2, milestones=(80,), head_dim=32, conv1_pad=30, dropout=0., train_split='train')
     r = voc12_segmentation(student, voc12_sbd[0], cfg, seed=0)
     assert (r['n_train'], r['n_test'], r['head'], r['crop']) == (6, 4, 'reference', None)
-    assert r['miou'] > .4 and min(r['iou'][c] for c in ('aeroplane', 'bicycle', 'bird')) > .2, r['iou']
+    assert r['miou'] > .5 and min(r['iou'][c] for c in ('aeroplane', 'bicycle', 'bird')) > .3, r['iou']   # fp32: .75, min .52; bf16: .66, min .48
