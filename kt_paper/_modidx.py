@@ -808,6 +808,7 @@ d = { 'settings': { 'branch': 'main',
                                    'kt_paper.transfer.run_protocol': ('transfer.html#run_protocol', 'kt_paper/transfer.py'),
                                    'kt_paper.transfer.run_transfer': ('transfer.html#run_transfer', 'kt_paper/transfer.py'),
                                    'kt_paper.transfer.to_voc_boxes': ('transfer.html#to_voc_boxes', 'kt_paper/transfer.py'),
+                                   'kt_paper.transfer.transfer_noise': ('transfer.html#transfer_noise', 'kt_paper/transfer.py'),
                                    'kt_paper.transfer.transfer_student': ('transfer.html#transfer_student', 'kt_paper/transfer.py'),
                                    'kt_paper.transfer.voc07_classification': ('transfer.html#voc07_classification', 'kt_paper/transfer.py'),
                                    'kt_paper.transfer.voc07_detection': ('transfer.html#voc07_detection', 'kt_paper/transfer.py')}}}

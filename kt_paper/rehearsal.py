@@ -269,9 +269,10 @@ def rehearse_transfer(roots:dict, preset:str, steps:int, device, n_test:int=4) -
         with PeakRSS() as m:
             r = fn(net, root, dataclasses.replace(pcfg, iters=steps, n_test=n_test), device=device, cbs=[t])
         test_s = r['seconds']['test'] / max(r['n_test'], 1) * (n_eval if preset == 'paper' else r['n_test'])
-        rows.append(_row('transfer', f'{name}, images', _timed(t), pcfg.bs, m, 0, pcfg.iters,
+        acc = getattr(pcfg, 'iter_size', 1)   # batches per SGD step (the FCN reference: 20 batches of one whole image); the timer counts batches
+        rows.append(_row('transfer', f'{name}, images', _timed(t), pcfg.bs, m, 0, pcfg.iters * acc,
                          full_run_jobs(preset)['voc_models'], 0.,
-                         f'{pcfg.iters} steps per model; testing adds {test_s / 3600:.2f} h per model'))
+                         f'{pcfg.iters} steps' + (f' of {acc} batches' if acc > 1 else '') + f' per model; testing adds {test_s / 3600:.2f} h per model'))
     return rows
 
 # %% ../nbs/24_rehearsal.ipynb #c26899b1

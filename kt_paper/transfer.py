@@ -22,7 +22,7 @@ from .finetune import (VOCImage, read_voc_split, class_labels, ImageStore, conv_
 from .student import keep_batch
 from .metrics import classification_map, detection_map
 from .segmentation import SegConfig, voc12_segmentation
-from .report import (K_PATTERN, DOMAIN_PATTERN, student_label, transfer_rows, describe_setup, write_transfer_table,
+from .report import (K_PATTERN, DOMAIN_PATTERN, cls_map, student_label, transfer_rows, describe_setup, write_transfer_table,
                              TRANSFER_COLUMNS, ablation_students, k_ablation_rows, domain_ablation_rows)
 from .train import autocast_for, digest, model_digest, precision_policy
 
@@ -30,7 +30,8 @@ from .train import autocast_for, digest, model_digest, precision_policy
 __all__ = ['TRANSFER_PRESETS', 'PROTOCOLS', 'ClsConfig', 'DetConfig', 'TransferConfig', 'find_students', 'TrunkClassifier',
            'masked_bce', 'cls_window', 'cls_views', 'cls_view', 'ClsDraws', 'predict_classification',
            'voc07_classification', 'build_detector', 'det_target', 'to_voc_boxes', 'DetDraws', 'det_collate',
-           'det_loss', 'predict_detection', 'voc07_detection', 'run_protocol', 'transfer_student', 'run_transfer']
+           'det_loss', 'predict_detection', 'voc07_detection', 'run_protocol', 'transfer_student', 'transfer_noise',
+           'run_transfer']
 
 # %% ../nbs/20_transfer.ipynb #0ca888ba
 @dataclass(frozen=True)
@@ -103,6 +104,7 @@ class TransferConfig:
                                     #   classification tables report `cls.metric`'s mAP
     multi_scale_det:bool=True       # also run the multi-scale detection variant
     ckpt_every:int=5000             # checkpoint (and one `history.csv` row) every this many steps at most (0: at the end only)
+    noise_rows:tuple=()             # students fine-tuned on VOC07 classification again with seed + 1: the run's VOC noise
 
 # %% ../nbs/20_transfer.ipynb #b3520407
 def _small_cls(iters, bs, resize, crop, fc, ms, crops=10, lr=1e-3):   # small images: a fixed scale-1 size, kt_paper's test views
@@ -139,7 +141,9 @@ TRANSFER_PRESETS = {
                       rpn_pre_nms_test=50, rpn_post_nms_test=16, rpn_batch=32, roi_batch=16, fc_dim=64, max_dets=20),
         seg=SegConfig(iters=3, iter_size=2, lr=1e-2, milestones=(2,), head_dim=32, conv1_pad=20), ckpt_every=2),
 }
-TRANSFER_PRESETS['medium'] = TRANSFER_PRESETS['tiny']   # the 64-px students on voc2007-mini at the tiny sizes (its CPU budget)
+# medium: the 64-px students on voc2007-mini at the tiny sizes (its CPU budget); it measures its VOC noise with a second seed
+# of the classification fine-tuning of the two rows claim 5 compares (seconds each; `transfer_noise`)
+TRANSFER_PRESETS['medium'] = dataclasses.replace(TRANSFER_PRESETS['tiny'], noise_rows=('cc_jigsaw', 'jigsaw_direct'))
 
 # %% ../nbs/20_transfer.ipynb #8c814300
 def find_students(student_dir:str|Path) -> dict[str, Path]:
@@ -402,7 +406,7 @@ def transfer_student(name:str,             # the student's name (table row)
         if p == 'det_ms' and not cfg.multi_scale_det: continue
         voc = voc12 if p == 'seg' else voc07
         if voc is None: continue
-        key = fingerprint(p, cfg, src, seed, str(voc), code_key('kt_paper.segmentation' if p == 'seg' else 'kt_paper.transfer'))
+        key = fingerprint(p, dataclasses.replace(cfg, noise_rows=()), src, seed, str(voc), code_key('kt_paper.segmentation' if p == 'seg' else 'kt_paper.transfer'))
         f = d/f'{p}.json'
         if f.exists() and load_json(f).get('key') == key: res[p] = load_json(f); continue
         run_dir = d/f'{p}-{key}'                        # checkpoints (removed when done) and history.csv
@@ -441,6 +445,28 @@ def _smoke(students:dict, cfg:TransferConfig, voc07, out:Path, preset:str, seed:
     smoke = transfer_student(f'{name}@voc2007-mini', ck, cfg, mini, None, out, ('cls', 'det_ss'), preset, seed, device, **kw)
     return smoke, '\n'.join(f"{student_label(name)} on voc2007-mini {p}: mAP {r['map_11pt']:.3f} (11-pt) / {r['map_allpt']:.3f} (all-pt) "
                             f"over {r['n_defined']} classes; undefined: {r['undefined']}; {r['seconds']['total']} s" for p, r in smoke.items())
+
+# %% ../nbs/20_transfer.ipynb #59d10fca
+def transfer_noise(students:dict,           # name -> checkpoint of the run's students
+                   cfg:TransferConfig,      # the preset (`cfg.noise_rows` names the rows)
+                   voc07, out:str|Path, preset:str, seed:int, device,
+                   rows:tuple|None=None,    # the rows (None: `cfg.noise_rows`)
+                   **kw                     # `transfer_student`'s precision and num_workers
+                  ) -> dict|None:
+    "VOC07 classification of `rows` again with seed + 1; write and return `<out>/transfer/noise.json` (None: no such row)."
+    rows = [r for r in (cfg.noise_rows if rows is None else rows) if r in students]
+    f = Path(out)/'transfer'/'noise.json'
+    if not rows or voc07 is None: f.unlink(missing_ok=True); return None   # an old file would describe other runs
+    a = {r: cls_map(transfer_student(r, students[r], cfg, voc07, None, out, ('cls',), preset, seed, device, **kw)['cls']) for r in rows}
+    b = {r: cls_map(transfer_student(f'{r}@seed{seed + 1}', students[r], cfg, voc07, None, out, ('cls',), preset, seed + 1, device,
+                                     **kw)['cls']) for r in rows}
+    pts = round(100 * max(abs(a[r] - b[r]) for r in rows), 2)
+    res = dict(tables=dict(voc=pts, clusters=pts, domain=pts), seeds=[seed, seed + 1],
+               cells={student_label(r): [round(100 * a[r], 2), round(100 * b[r], 2)] for r in rows},
+               measure=(f"VOC tables: the largest change of VOC07 classification mAP between fine-tuning seeds {seed} and {seed + 1} of "
+                        f"{', '.join(student_label(r) for r in rows)} (same students; {cfg.cls.iters} steps each)"))
+    save_json(res, f)
+    return res
 
 # %% ../nbs/20_transfer.ipynb #4a508742
 def run_transfer(out:str|Path,              # run folder: results in `<out>/transfer/`, students read from `<out>/student/`
@@ -482,8 +508,10 @@ def run_transfer(out:str|Path,              # run folder: results in `<out>/tran
     ablation, tables['ablation_k'], tables['ablation_domain'] = _ablations(students, cfg, voc07, out, fig_dir, preset, seed, device, **kw)
     for k in ('ablation_k', 'ablation_domain'):
         if tables[k] is None: print(f"{k}: no {'cc_<teacher>_k<k>' if k == 'ablation_k' else 'cc_<teacher>_<clustered>-<labelled>'} students in the run folder; table not produced")
+    noise = transfer_noise(main, cfg, voc07, out, preset, seed, device, **kw)
+    if noise: print(noise['measure'] + f": {noise['tables']['voc']:.2f} points")
     smoke_res, smoke_note = _smoke(main, cfg, voc07, out, preset, seed, device, preset == 'test' if smoke is None else smoke, **kw)
     print(smoke_note)
     return dict(preset=preset, seed=seed, device=str(device), precision=precision_policy(device, precision).name,
                 voc07=voc07 and str(voc07), voc12=voc12 and str(voc12), students=results, ablation=ablation, smoke=smoke_res, smoke_note=smoke_note,
-                tables=tables, seconds=round(time.time() - t0, 1))
+                tables=tables, noise=noise, seconds=round(time.time() - t0, 1))
