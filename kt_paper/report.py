@@ -455,7 +455,9 @@ def run_seed(out:str|Path) -> int|None:
     f = Path(out)/'manifest.json'
     return json.loads(f.read_text()).get('parameters', {}).get('SEED') if f.exists() else None
 
-def write_report(out:str|Path, fig_dir:str|Path, preset:str|None=None) -> list[Path]:
+def write_report(out:str|Path, fig_dir:str|Path, preset:str|None=None,
+                 seed:int|None=None   # the run's seed (None: its `manifest.json`'s, when it has one)
+                ) -> list[Path]:
     "Write every paper table, filled with the run's numbers where it has them, and the claims scoreboard, under `fig_dir`."
     res, paths = collect_results(out), []
     preset = preset or run_preset(out) or '?'
@@ -467,7 +469,7 @@ def write_report(out:str|Path, fig_dir:str|Path, preset:str|None=None) -> list[P
         t.paper = {**{(r, c): NOT_GIVEN for r in rows for c in cols if r not in t.rows or c not in t.cols}, **t.paper}
         t.rows, t.cols = rows, cols
         paths += write_comparison(t, fig_dir)
-    seed = run_seed(out)
+    seed = run_seed(out) if seed is None else seed
     return paths + write_claims(claims({n: r[0] for n, r in res.items()}, preset, noise_of_run(out)), fig_dir, preset, noise_note(out),
                                 '?' if seed is None else seed)
 

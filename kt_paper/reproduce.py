@@ -326,7 +326,7 @@ def reproduce(preset:str='tiny',          # one of test, tiny, small, paper
         return manifest
     from kt_paper.report import write_report
     from kt_paper.figures import conv1_filters_figure, pipeline_figure_from_run, training_curves_figure
-    files = write_report(out, fig, preset) + [pipeline_figure_from_run(out, fig, seed=seed), conv1_filters_figure(out, fig),
+    files = write_report(out, fig, preset, seed) + [pipeline_figure_from_run(out, fig, seed=seed), conv1_filters_figure(out, fig),
                                       training_curves_figure(out, fig), write_image_check(out, fig)]
     manifest['report'] = [str(f) for f in files if f]
     print(f'report: {len(manifest["report"])} tables and figures written to {fig}', flush=True)

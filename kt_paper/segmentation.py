@@ -41,7 +41,7 @@ class SegConfig:
     clip:float=0.                   # gradient-norm clipping (0 = off, as the reference)
     head:str='reference'            # 'reference': pool5 kept, conv fc6/fc7, fixed bilinear upsampling by the stride, crop (`FCN32`);
                                     #   'light': no pool5, 3x3 fc6, scores resized to the input (`LightFCN`)
-    conv1_pad:int=100               # 'reference' head: conv1's zero padding (the reference's 100)
+    conv1_pad:int|None=100          # 'reference' head: conv1's zero padding (the reference's 100; None: the smallest that works)
     fc6_kernel:int|None=None        # 'reference' head: fc6's kernel (None: the student's pool5 side, 6 for a 227-px AlexNet)
     crop:int|None=None              # training view: None = the whole image, as stored (the reference); a side = a random
                                     #   rescale by `scale_range`, a crop of that side (padded with the ignore label), a flip
@@ -81,25 +81,33 @@ class FCN32(nn.Module):
                  n_classes:int=21,
                  head_dim:int=4096,         # fc6/fc7 width
                  fc6_kernel:int=6,          # fc6's kernel (6: AlexNet's pool5 side at 227 px)
-                 conv1_pad:int=100,         # conv1's zero padding (the reference's 100)
+                 conv1_pad:int|None=100,    # conv1's zero padding (the reference's 100); None: the smallest that aligns and covers
                  dropout:float=0.5):
         super().__init__()
         self.trunk, c = trunk, trunk_channels(trunk)
-        conv1 = next(m for m in trunk.modules() if isinstance(m, nn.Conv2d)); conv1.padding = (conv1_pad, conv1_pad)
+        self.conv1, self.fc6_kernel = next(m for m in trunk.modules() if isinstance(m, nn.Conv2d)), fc6_kernel
         self.head = nn.Sequential(OrderedDict(
             fc6=nn.Conv2d(c, head_dim, fc6_kernel), relu6=nn.ReLU(inplace=True), drop6=nn.Dropout(dropout),
             fc7=nn.Conv2d(head_dim, head_dim, 1), relu7=nn.ReLU(inplace=True), drop7=nn.Dropout(dropout),
             score=nn.Conv2d(head_dim, n_classes, 1)))
         for m in (self.head.fc6, self.head.fc7): nn.init.kaiming_normal_(m.weight, nonlinearity='relu'); nn.init.zeros_(m.bias)
         nn.init.zeros_(self.head.score.weight); nn.init.zeros_(self.head.score.bias)
-        self.stride, b = fcn_geometry(trunk, fc6_kernel)
-        self.offset = round(self.stride - 1 - b)           # the upsampled cell u is centred on s·u + s − 1: shift by this
+        if conv1_pad is None:   # each pixel of padding moves the offset by one: the least that aligns, then enough to cover
+            self.pad_conv1(0); self.pad_conv1(max(0, -self.offset))
+            while self.uncovered(): self.pad_conv1(self.conv1_pad + 1)
+            conv1_pad = self.conv1_pad
+        self.pad_conv1(conv1_pad)
         if self.offset < 0:
             raise ValueError(f"conv1_pad={conv1_pad} is too small for this trunk: the crop offset would be {self.offset}; "
                              f"pad at least {conv1_pad - self.offset}")
         self.register_buffer('up', bilinear_kernel(n_classes, self.stride), persistent=False)   # fixed (lr 0 in the reference)
         if short := self.uncovered():
             raise ValueError(f"conv1_pad={conv1_pad} leaves too few scores to crop inputs of {short[:5]}{'…' if len(short) > 5 else ''} px: raise it")
+    def pad_conv1(self, pad:int):
+        "Pad conv1 by `pad` and place the crop: `stride`, `offset` (the upsampled cell u is centred on s·u + s − 1)."
+        self.conv1.padding, self.conv1_pad = (pad, pad), pad
+        self.stride, b = fcn_geometry(self.trunk, self.fc6_kernel)
+        self.offset = round(self.stride - 1 - b)
     def uncovered(self, sizes=None) -> list[int]:
         "The input sides (default: 1 to 2·stride, which covers every side: the shapes repeat with period `stride`) whose upsampled scores are too few to crop."
         meta = copy.deepcopy(nn.Sequential(self.trunk, self.head.fc6)).to('meta')   # shapes only, no arithmetic
@@ -225,7 +233,7 @@ def voc12_segmentation(model:nn.Module, voc12:str|Path, cfg:SegConfig, seed:int=
     return dict(protocol='voc12_segmentation', miou=mean_iou(cm), iou={c: float(v) for c, v in zip(('background',) + VOC_CLASSES, iou)},
                 n_defined=int((~np.isnan(iou)).sum()), pixel_acc=float(np.diag(cm).sum() / max(cm.sum(), 1)),
                 train_split=cfg.train_split, test_split=cfg.test_split, n_train=len(tr), n_test=len(te),
-                excluded_from_train=excluded, head=cfg.head, conv1_pad=cfg.conv1_pad if cfg.head == 'reference' else None,
+                excluded_from_train=excluded, head=cfg.head, conv1_pad=getattr(net, 'conv1_pad', None),
                 crop=cfg.crop, bs=cfg.bs, iter_size=cfg.iter_size, iters=cfg.iters, final_loss=final_loss(learn),
                 resumed_from_step=learn.resumed_from_step, seed=seed, precision=precision_policy(device, precision).name,
                 seconds=run_seconds(t0, t1, t2, c0))

@@ -139,7 +139,7 @@ TRANSFER_PRESETS = {
         det=DetConfig(iters=2, bs=2, lr=1e-2, milestones=(1,), min_size=64, max_size=96, ms_scales=(56, 64),
                       ms_max_size=96, anchor_sizes=(16, 32, 64), rpn_pre_nms_train=50, rpn_post_nms_train=16,
                       rpn_pre_nms_test=50, rpn_post_nms_test=16, rpn_batch=32, roi_batch=16, fc_dim=64, max_dets=20),
-        seg=SegConfig(iters=3, iter_size=2, lr=1e-2, milestones=(2,), head_dim=32, conv1_pad=20), ckpt_every=2),
+        seg=SegConfig(iters=3, iter_size=2, lr=1e-2, milestones=(2,), head_dim=32, conv1_pad=None), ckpt_every=2),   # test: each student's least padding
 }
 # medium: the 64-px students on voc2007-mini at the tiny sizes (its CPU budget); it measures its VOC noise with a second seed
 # of the classification fine-tuning of the two rows claim 5 compares (seconds each; `transfer_noise`)

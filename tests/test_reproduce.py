@@ -66,7 +66,7 @@ def test_pipeline_end_to_end_and_code_changes(tmp_path):
     for s in find_stages(): assert (run/'notebooks'/s.notebook.name).exists()
     fig = run/'figures'   # --out without --fig-dir: the tables follow the run
     assert load_json(fig/'run_manifest.json')['stages'] == man['stages']   # the figures say which run made them
-    assert "(preset `test`)" in (fig/'claims.md').read_text()
+    assert "(preset `test`, seed 0)" in (fig/'claims.md').read_text()
     assert not (ROOT/'figures'/'test').exists()
     out2 = _kt_paper(args, env, tmp_path)
     assert all(v['cached'] for v in load_json(run/'manifest.json')['stages'].values()), out2
