@@ -4,7 +4,7 @@
 
 # %% ../nbs/19_segmentation.ipynb #c2a8d7b8
 from __future__ import annotations
-import copy, dataclasses, time
+import dataclasses, time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +21,8 @@ from .metrics import confusion_matrix, iou_per_class, mean_iou
 from .train import autocast_for, digest, image_ids, model_digest, precision_policy
 
 # %% auto #0
-__all__ = ['SegConfig', 'fcn_geometry', 'bilinear_kernel', 'FCN32', 'LightFCN', 'build_fcn', 'read_mask', 'seg_view', 'SegDraws',
-           'seg_loss', 'predict_segmentation', 'seg_splits', 'drop_test_images', 'voc12_segmentation']
+__all__ = ['SegConfig', 'fcn_geometry', 'fcn_side', 'bilinear_kernel', 'FCN32', 'LightFCN', 'build_fcn', 'read_mask', 'seg_view',
+           'SegDraws', 'seg_loss', 'predict_segmentation', 'seg_splits', 'drop_test_images', 'voc12_segmentation']
 
 # %% ../nbs/19_segmentation.ipynb #5b20cea5
 @dataclass(frozen=True)
@@ -65,6 +65,20 @@ def fcn_geometry(trunk:nn.Module, # conv layers (Conv2d and pooling modules in f
         k, p = first(m.kernel_size), first(m.padding); s = first(m.stride or k)
         offset += stride * ((k - 1) / 2 - p); stride *= s
     return stride, offset
+
+def fcn_side(trunk:nn.Module, fc6_kernel:int, side:int) -> int:
+    "fc6's output side for an input of `side` px (0 or less: some layer gets too little), by the layers' arithmetic."
+    first = lambda v: v[0] if isinstance(v, (tuple, list)) else v
+    for m in [*trunk.modules(), nn.Conv2d(1, 1, fc6_kernel)]:
+        if not isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)): continue
+        k, p = first(m.kernel_size), first(m.padding); s, d = first(m.stride or k), first(getattr(m, 'dilation', 1))
+        span, ceil = side + 2 * p - d * (k - 1) - 1, getattr(m, 'ceil_mode', False)
+        if span < 0: return 0
+        out = (-(-span // s) if ceil else span // s) + 1
+        if ceil and (out - 1) * s >= side + p: out -= 1   # PyTorch's rule: the last window starts inside the input
+        side = out
+    return side
+    return side
 
 # %% ../nbs/19_segmentation.ipynb #c1a92aeb
 def bilinear_kernel(channels:int, # one kernel per channel (a grouped transposed convolution)
@@ -110,11 +124,8 @@ class FCN32(nn.Module):
         self.offset = round(self.stride - 1 - b)
     def uncovered(self, sizes=None) -> list[int]:
         "The input sides (default: 1 to 2·stride, which covers every side: the shapes repeat with period `stride`) whose upsampled scores are too few to crop."
-        meta = copy.deepcopy(nn.Sequential(self.trunk, self.head.fc6)).to('meta')   # shapes only, no arithmetic
-        def n(h):                                                                 # fc6's output side; 0 if a layer gets too little
-            try: return meta(torch.zeros(1, 3, h, h, device='meta')).shape[-1]
-            except RuntimeError: return 0
-        return [h for h in (sizes or range(1, 2 * self.stride + 1)) if (k := n(h)) == 0 or (k + 1) * self.stride - 1 < self.offset + h]
+        return [h for h in (sizes or range(1, 2 * self.stride + 1))
+                if (k := fcn_side(self.trunk, self.fc6_kernel, h)) <= 0 or (k + 1) * self.stride - 1 < self.offset + h]
     def forward(self, x):
         h, w = x.shape[-2:]; s = self.head(self.trunk(x))
         y = F.conv_transpose2d(s, self.up.to(s.dtype), stride=self.stride, groups=s.shape[1])
