@@ -40,10 +40,10 @@ def sync():
     if DEVICE.type == 'cuda': torch.cuda.synchronize(DEVICE)
 
 def bare(model, batches, opt, precision, channels_last, loss=nn.CrossEntropyLoss(), warmup=3, clip=0.):
-    "img/s of a plain loop over `batches` [(x, y)] (the first `warmup` untimed) with torch optimiser `opt(params)` (gradient norm clipped to `clip` if > 0)."
+    "img/s of a plain loop over `batches` [(x, y)] (the first `warmup` untimed) with torch optimiser `opt([(name, param)])` (gradient norm clipped to `clip` if > 0)."
     m = copy.deepcopy(model).to(DEVICE).train()
     if channels_last: m = m.to(memory_format=torch.channels_last)
-    opt = opt([p for p in m.parameters() if p.requires_grad])
+    opt = opt([(k, p) for k, p in m.named_parameters() if p.requires_grad])
     dt = dict(bf16=torch.bfloat16, fp16=torch.float16).get(precision)
     ac = torch.autocast(DEVICE.type, dtype=dt) if dt is not None else contextlib.nullcontext()
     scaler = torch.amp.GradScaler(DEVICE.type, enabled=precision == 'fp16')   # disabled: scale/unscale_/update do nothing
@@ -117,7 +117,7 @@ def student_case(preset, steps, warmup):
         dls = make_student_dls(ImageTensorDataset(x, y.numpy(), cfg.crop, True), ImageTensorDataset(x[:cfg.bs], y[:cfg.bs].numpy(), cfg.crop, False), cfg.bs, num_workers=0, device=DEVICE)
         t = Timer(warmup); learn = student_learner(copy.deepcopy(model), dls, cfg, cbs=[t])
         fit(learn, 1, quiet=True); return t.rate, learn.precision_used
-    opt = lambda ps: torch.optim.SGD(ps, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd)   # the student's: coupled wd
+    opt = lambda nps: torch.optim.SGD([p for _, p in nps], lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd)   # the student's: coupled wd
     kt.same_work = lambda: bare_crops(x, y, cfg.bs, cfg.crop, steps + warmup)
     return 'student (CC AlexNet)', kt, model, norm_batches(x, y, cfg.bs, cfg.crop), opt, nn.CrossEntropyLoss(), 0.
 
@@ -134,8 +134,8 @@ def pretext_case(preset, steps, warmup):
         dls = DataLoaders(torch.utils.data.DataLoader(ds, cfg.bs, shuffle=True, drop_last=True), torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x[:cfg.bs], y[:cfg.bs]), cfg.bs), device=DEVICE)
         t = Timer(warmup); learn = jigsaw_learner(dls, copy.deepcopy(model), cfg, path='/tmp/kt_bench_train', device=DEVICE)
         fit(learn, 1, quiet=True, cbs=[t], lr=cfg.lr); return t.rate, learn.precision_used
-    if cfg.opt == 'adam': opt = lambda ps: torch.optim.AdamW(ps, lr=cfg.lr, betas=(0.9, 0.99), eps=1e-5, weight_decay=cfg.wd)  # fastai's Adam
-    else: opt = lambda ps: torch.optim.SGD(ps, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd)
+    if cfg.opt == 'adam': opt = lambda nps: torch.optim.AdamW([p for _, p in nps], lr=cfg.lr, betas=(0.9, 0.99), eps=1e-5, weight_decay=cfg.wd)  # fastai's Adam
+    else: opt = lambda nps: torch.optim.SGD([p for _, p in nps], lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd)
     return f'pretext (Jigsaw++ CFN, {cfg.opt})', kt, model, [(x[i:i+cfg.bs], y[i:i+cfg.bs]) for i in range(0, n, cfg.bs)], opt, nn.CrossEntropyLoss(), 0.
 
 def probe_case(preset, steps, warmup):
@@ -150,7 +150,7 @@ def probe_case(preset, steps, warmup):
         dls = probe_dls((x, y.numpy()), (x[:cfg.bs], y[:cfg.bs].numpy()), cfg, num_workers=0)
         t = Timer(warmup); learn = linear_probe_learner(copy.deepcopy(model).to(DEVICE), dls, cfg); learn.add_cb(t)   # batches follow the model (as `run_linear_probes`)
         fit(learn, 1, quiet=True); return t.rate, learn.precision_used
-    opt = lambda ps: torch.optim.SGD(ps, lr=cfg.lin_lr, momentum=cfg.momentum, weight_decay=cfg.wd)
+    opt = lambda nps: torch.optim.SGD([p for _, p in nps], lr=cfg.lin_lr, momentum=cfg.momentum, weight_decay=cfg.wd)
     kt.same_work = lambda: bare_crops(x, y, cfg.bs, cfg.crop, steps + warmup)
     return 'linear probes (conv1-5)', kt, model, norm_batches(x, y, cfg.bs, cfg.crop), opt, multi_head_loss, 0.
 
@@ -168,7 +168,10 @@ def transfer_case(preset, steps, warmup):
         t = Timer(warmup)   # no loader workers: `finetune.loader_workers`' choice for in-memory images on a CPU
         learn = train_steps(copy.deepcopy(model), ClsDraws(x, y, cfg), cfg, masked_bce, DEVICE, quiet=True, cbs=[t], num_workers=0)
         return t.rate, learn.precision_used
-    opt = lambda ps: torch.optim.SGD(ps, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd)   # L2 on every parameter, as the protocol
+    def opt(nps):   # the protocol's groups: biases at lr x bias_lr_mult and wd x bias_decay_mult (the reference's), the rest; L2
+        b, w = [p for k, p in nps if k.endswith('bias')], [p for k, p in nps if not k.endswith('bias')]
+        return torch.optim.SGD([dict(params=b, lr=cfg.lr * cfg.bias_lr_mult, weight_decay=cfg.wd * cfg.bias_decay_mult), dict(params=w)],
+                               lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd)
     kt.same_work = lambda: bare_rescale_crops(x, y, cfg.bs, cfg.crop, cfg.resize, cfg.scale_range, steps + warmup)
     return 'VOC07 cls fine-tuning', kt, model, norm_batches(x, y, cfg.bs, cfg.crop), opt, masked_bce, cfg.clip   # its update clips the gradient norm
 

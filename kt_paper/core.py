@@ -4,14 +4,14 @@
 
 # %% ../nbs/00_core.ipynb #1a9e3d8b
 from __future__ import annotations
-import contextlib, dataclasses, functools, hashlib, json, os, platform, random, tempfile, time
+import contextlib, dataclasses, functools, hashlib, json, os, platform, random, re, tempfile, time
 from pathlib import Path
 import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['PRESET_NAMES', 'in_test', 'preset_name', 'pick_preset', 'seed_everything', 'get_device', 'cpu_has_bf16',
-           'usable_cores', 'default_num_workers', 'atomic_path', 'save_json', 'load_json', 'save_array',
+__all__ = ['PRESET_NAMES', 'PRESENTATION_MODULES', 'in_test', 'preset_name', 'pick_preset', 'seed_everything', 'get_device',
+           'cpu_has_bf16', 'usable_cores', 'default_num_workers', 'atomic_path', 'save_json', 'load_json', 'save_array',
            'save_checkpoint', 'load_checkpoint', 'fingerprint', 'imported_modules', 'module_file', 'code_files',
            'code_digest', 'project_root', 'resolve_out_dir', 'cache_dir', 'environment_info', 'pin_mmap_threshold',
            'hold_freed_memory', 'progress', 'format_progress', 'show_doc']
@@ -173,7 +173,7 @@ def imported_modules(source:str,              # Python source (a module's, or a 
                      package:str='kt_paper',  # the package whose modules count
                      current:str|None=None    # the module `source` belongs to (resolves `from .x import y`)
                     ) -> set[str]:
-    "The modules of `package` that `source` imports, at top level or inside functions (`'kt_paper.kmeans'`, ...)."
+    "The modules of `package` that `source` imports, at top level or inside functions, or names as a `'kt_paper.x:function'` target."
     import ast
     pdir, found = _package_dir(package), set()
     def add(name):
@@ -192,6 +192,8 @@ def imported_modules(source:str,              # Python source (a module's, or a 
             else: name = node.module or ''
             add(name)
             for a in node.names: add(f'{name}.{a.name}')   # `from kt_paper import kmeans` names a module
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and re.fullmatch(rf'{package}(\.\w+)+:\w+', node.value):
+            add(node.value.split(':')[0])   # a 'module:function' target that a launcher imports (`distributed.launch`)
     return found
 
 # %% ../nbs/00_core.ipynb #31d2d017
@@ -208,23 +210,30 @@ def code_files(*modules:str,              # module names ('kt_paper.kmeans' or '
               ) -> dict[str, str]:
     "File (relative to the package's parent) -> SHA-256 of every `package` module `modules` and `source` may run, transitively."
     full = lambda m: m if m.split('.')[0] == package else f'{package}.{m}'
-    todo = {full(m) for m in modules}
-    if source is not None: todo |= imported_modules(source, package)
-    seen, root = dict.fromkeys(map(full, exclude)), _package_dir(package).parent
+    named = {full(m) for m in modules}
+    todo = named | (imported_modules(source, package) if source is not None else set())
+    seen, root = dict.fromkeys(set(map(full, exclude)) - named), _package_dir(package).parent   # a module named is followed
     while todo:
         m = todo.pop()
         if m in seen: continue
         f = module_file(m)
         if not f.is_file(): raise ModuleNotFoundError(f"no module {m!r} at {f}")
         text = f.read_bytes(); seen[m] = (f, hashlib.sha256(text).hexdigest()[:16])
-        cur = m if f.name != '__init__.py' else f'{m}.__init__'
-        todo |= imported_modules(text.decode(), package, cur) - set(seen)
+        todo |= _file_imports(text, package, m if f.name != '__init__.py' else f'{m}.__init__') - set(seen)
         todo |= {'.'.join(m.split('.')[:i]) for i in range(1, m.count('.') + 1)} - set(seen)   # importing runs the parents
     return {f.relative_to(root).as_posix(): h for f, h in sorted(v for v in seen.values() if v is not None)}
 
-def code_digest(*modules:str, source:str|None=None, package:str='kt_paper', n:int=12) -> str:
-    "A short digest of the code `modules` (and `source`) may run: see `code_files`."
-    return fingerprint(code_files(*modules, source=source, package=package), n=n)
+@functools.lru_cache(maxsize=256)
+def _file_imports(text:bytes, package:str, current:str) -> frozenset:   # parsed once per content: keys ask for digests often
+    return frozenset(imported_modules(text.decode(), package, current))
+
+PRESENTATION_MODULES = ('kt_paper.report', 'kt_paper.figures')   # they format results: nothing is computed from them
+
+def code_digest(*modules:str, source:str|None=None, package:str='kt_paper',
+                exclude:tuple=PRESENTATION_MODULES, # modules not followed: by default those that only format results
+                n:int=12) -> str:
+    "A short digest of the code `modules` (and `source`) may run, for an artefact's key: see `code_files`."
+    return fingerprint(code_files(*modules, source=source, package=package, exclude=exclude), n=n)
 
 # %% ../nbs/00_core.ipynb #76b4932a
 def project_root(start:str|Path|None=None) -> Path|None:

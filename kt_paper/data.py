@@ -95,7 +95,7 @@ def _images_in(d:Path) -> list:
 SKIP_ENV = 'KT_PAPER_SKIP_IMAGES'   # a JSON file {absolute path: reason} of images every reader leaves out
 
 @functools.lru_cache(maxsize=8)
-def _read_left_out(path:str, mtime_ns:int) -> dict: return json.loads(Path(path).read_text())
+def _read_left_out(path:str, mtime_ns:int) -> dict: return {os.path.abspath(k): v for k, v in json.loads(Path(path).read_text()).items()}
 
 def images_left_out(leave_out:dict|None=None # path -> reason; None: the file `$KT_PAPER_SKIP_IMAGES` names
                    ) -> dict:

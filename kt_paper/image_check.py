@@ -10,7 +10,7 @@ from .data import (ROLE_SPLITS, DataError, find_sbd, load_mask, load_rgb, read_r
                            voc_dir)
 
 # %% auto #0
-__all__ = ['check_file', 'role_files', 'check_files', 'check_run_images', 'BadImagesError', 'bad_images_message',
+__all__ = ['check_file', 'role_files', 'check_files', 'check_run_images', 'folder_digest', 'BadImagesError', 'bad_images_message',
            'image_check_markdown']
 
 # %% ../nbs/01a_image_check.ipynb #7a506dd7
@@ -77,14 +77,19 @@ def check_files(files:list,               # `(path, kind)` pairs (duplicates all
     found = {}
     if todo:
         n = usable_cores() if workers is None and len(todo) >= 2000 else (workers or 0)
-        pool = __import__('multiprocessing').get_context('spawn').Pool(n) if n > 1 else None
+        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures.process import BrokenProcessPool
+        from kt_paper.image_check import check_file as one   # importable by the workers, also from a notebook
+        pool = ProcessPoolExecutor(n, mp_context=__import__('multiprocessing').get_context('spawn')) if n > 1 else None
         try:
-            from kt_paper.image_check import check_file as one   # importable by the workers, also from a notebook
-            for i, (p, why) in enumerate(pool.imap_unordered(one, todo, chunksize=64) if pool else map(one, todo), 1):
+            for i, (p, why) in enumerate(pool.map(one, todo, chunksize=64) if pool else map(one, todo), 1):
                 if why: found[p] = why
                 if i % 5000 == 0: progress(f'image check of {what}', i, len(todo), 'image', (time.time() - t0) / i * (len(todo) - i))
+        except BrokenProcessPool as e:   # a decoder crashed its process (or it was killed for memory): say so, do not hang
+            raise DataError(f"a worker decoding {what} died ({e}); `check_files(..., workers=0)` decodes in this process "
+                            "and stops at the file that kills it") from None
         finally:
-            if pool: pool.terminate()
+            if pool: pool.shutdown(cancel_futures=True)
     new = {k: (old[k] if k in old else {p: found[p] for p, _ in b if p in found}) for b, k in zip(blocks, keys)}
     if cache is not None: save_json(new, cache)
     bad = {p: why for d in new.values() for p, why in d.items()}
@@ -104,9 +109,23 @@ def check_run_images(roots:dict,            # role -> folder (`kt_paper.data.dat
         r = check_files([f for fs in splits.values() for f in fs], where, workers, what=role)
         res['roles'][role] = dict(root=str(root), files=r['checked'], decoded=r['decoded'], seconds=r['seconds'], bad=len(r['bad']))
         res['checked'] += r['checked']; res['decoded'] += r['decoded']
-        res['bad'] += [dict(path=p, role=role, split=s, reason=r['bad'][p]) for s, fs in splits.items() for p, _ in fs if p in r['bad']]
+        where = {}   # a file in two splits (seg11valid is part of val) is one bad file
+        for s, fs in splits.items():
+            for p, _ in fs:
+                if p in r['bad']: where.setdefault(p, []).append(s)
+        res['bad'] += [dict(path=p, role=role, split='+'.join(ss), reason=r['bad'][p]) for p, ss in where.items()]
     res['seconds'] = round(time.time() - t0, 2)
     return res
+
+# %% ../nbs/01a_image_check.ipynb #156fe57a
+def folder_digest(root:str|Path) -> str:
+    "A digest of every file's relative path, size and modification time below `root` (no contents read)."
+    h, root = hashlib.sha256(), Path(root)
+    for d, dirs, files in os.walk(root):
+        dirs.sort()
+        for f in sorted(files):
+            p = os.path.join(d, f); h.update(f'{os.path.relpath(p, root)}\t{_stamp(p)}\n'.encode())
+    return h.hexdigest()[:16]
 
 # %% ../nbs/01a_image_check.ipynb #ff47740d
 class BadImagesError(DataError):

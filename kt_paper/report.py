@@ -348,17 +348,22 @@ def claim_status(kind:str,             # a `CLAIMS` kind: 'greater', 'domain', '
     return 'held' if room > noise else 'within the noise'
 
 # %% ../nbs/21_report.ipynb #1937a760
-def claim_tables(claim:dict) -> set:
-    "The tables a claim of `CLAIMS` reads."
-    return {t for t, *_ in claim['cells']} if 'cells' in claim else {claim['table']}
+def claim_tables(claim:dict,            # a claim of `CLAIMS`
+                 values:dict|None=None  # `{table: {(row, col): value}}`: only the tables whose cells enter the margin
+                ) -> set:
+    "The tables a claim of `CLAIMS` reads (given `values`: those of its cells that are there on both sides)."
+    if 'cells' not in claim: return {claim['table']}
+    has = lambda t, a, b, c: values is None or (_num(values.get(t, {}).get((a, c))) is not None and _num(values.get(t, {}).get((b, c))) is not None)
+    return {t for t, a, b, c in claim['cells'] if has(t, a, b, c)}
 
 def claim_noise(claim:dict,                   # a claim of `CLAIMS`
-                noise:float|dict|None=None    # `{table: points}` (`noise_of_run`), one number for every table, or None
+                noise:float|dict|None=None,   # `{table: points}` (`noise_of_run`), one number for every table, or None
+                values:dict|None=None         # the run's values: only the tables whose cells entered the margin count
                ) -> float|None:
     "The noise `claim`'s margin is judged against: the largest of its tables', None if any of them has none."
     if noise is None or isinstance(noise, (int, float)): return noise
-    ns = [noise.get(t) for t in claim_tables(claim)]
-    return None if any(n is None for n in ns) else max(ns)
+    ns = [noise.get(t) for t in claim_tables(claim, values)]
+    return None if not ns or any(n is None for n in ns) else max(ns)
 
 # %% ../nbs/21_report.ipynb #d9d63915
 def claims(results:dict,                 # `{table: {(row, col): value}}`, ours (`collect_results` without the notes)
@@ -369,7 +374,7 @@ def claims(results:dict,                 # `{table: {(row, col): value}}`, ours 
     paper = {t: {k: v for k, v in spec['values'].items()} for t, spec in PAPER.items()}
     out = []
     for c in CLAIMS:
-        m, pm, n = claim_margin(c, results), claim_margin(c, paper), claim_noise(c, noise)
+        m, pm, n = claim_margin(c, results), claim_margin(c, paper), claim_noise(c, noise, results)
         out.append(dict(id=c['id'], claim=c['claim'], ours=None if m is None else round(m, 2), paper=None if pm is None else round(pm, 2),
                         noise=None if m is None or n is None else round(n, 2), status=claim_status(c['kind'], m, n, c.get('tol')), preset=preset))
     return out
@@ -509,20 +514,24 @@ def describe_setup(cfg,                     # a `transfer.TransferConfig`
     scale1 = 'the image as stored' if c.native_scale else f'a {c.resize}-px short side'
     ncls = f" over the {n['cls']['n_defined']} classes with a test positive" if 'cls' in n else ''
     seg_view = 'whole images' if getattr(s, 'crop', None) is None else f'{s.crop}-px crops'
-    seg_head = f"the {s.head} " if getattr(s, 'head', None) else ''
+    pad = n.get('seg', {}).get('conv1_pad', getattr(s, 'conv1_pad', None))
+    seg_head = {'light': 'the light (no pool5, stride 16) ',
+                'reference': f'the reference (pool5 kept, conv1 padded by {pad}, fixed bilinear upsampling, aligned crop) '}.get(getattr(s, 'head', None), '')
+    bias = lambda x: (f", biases at lr ×{x.bias_lr_mult:g}" + (f" and weight decay ×{x.bias_decay_mult:g}" if x.bias_decay_mult != 1 else '')
+                      if getattr(x, 'bias_lr_mult', 1) != 1 else '')
     acc = f" × iter_size {s.iter_size}" if getattr(s, 'iter_size', 1) > 1 else ''
     k = n.get('seg', {}).get('excluded_from_train')
     left = f" ({k} training images that are also test images left out)" if k else ''
     return (f"Preset `{preset}`, seed {seed}, final-step models. "
             f"**Classification**: VOC07 {c.train_split} → {c.test_split}{cnt('cls')}, {c.iters} steps × {c.bs}, "
-            f"lr {c.lr} ×{c.gamma} at steps {ms(c.milestones)}, {c.crop}-px crops after rescaling ×{c.scale_range} of {scale1}, "
+            f"per-class sigmoid cross-entropy summed over the classes per image, lr {c.lr} ×{c.gamma} at steps {ms(c.milestones)}{bias(c)}, {c.crop}-px crops after rescaling ×{c.scale_range} of {scale1}, "
             f"test score = {views}; {cap} mAP{ncls}. "
             f"**Detection**: Faster R-CNN (RPN proposals) on the conv trunk, VOC07 {d.train_split} → {d.test_split}{cnt('det_ss')}, "
             f"{d.iters} steps × {d.bs} images, lr {d.lr} ×{d.gamma} at {ms(d.milestones)}, SS short side {d.min_size} "
             f"(max {d.max_size}), MS {list(d.ms_scales)}; {ap} AP at IoU 0.5, difficult objects ignored. "
             f"**Segmentation**: {seg_head}FCN-32s, VOC12 {n['seg']['train_split'] if 'seg' in n else s.train_split} → "
             f"{n['seg']['test_split'] if 'seg' in n else s.test_split}{cnt('seg')}{left}, {s.iters} steps × {s.bs}{acc}, "
-            f"lr {s.lr} ×{s.gamma} at {ms(s.milestones)}, {seg_view}; mIoU over 21 classes, 255 ignored.")
+            f"lr {s.lr} ×{s.gamma} at {ms(s.milestones)}{bias(s)}, {seg_view}; mIoU over 21 classes, 255 ignored.")
 
 def transfer_cell(key:str, v) -> str:
     "A Markdown cell of the transfer tables: scores (fractions) as percentages, seconds as they are, missing as `—`."

@@ -4,7 +4,7 @@
 
 # %% ../nbs/25_reproduce.ipynb #3539e9e7
 from __future__ import annotations
-import argparse, ast, contextlib, dataclasses, json, logging, os, shutil, subprocess, sys, threading, time
+import argparse, ast, contextlib, dataclasses, json, logging, os, re, shutil, subprocess, sys, threading, time
 from dataclasses import dataclass
 from pathlib import Path
 import kt_paper
@@ -15,11 +15,11 @@ from .settings import (DRIVER_PARAMS, STAGE_PRESETS, SettingsError, check_data_r
                                describe_settings, parse_params, parse_settings, read_config, stage_presets)
 
 # %% auto #0
-__all__ = ['STAGES', 'DRIVER_MODULES', 'Stage', 'notebooks_dir', 'find_stages', 'notebook_code', 'stage_code', 'stage_inputs',
-           'inputs_key', 'stage_key', 'rerun_reason', 'prepare_notebook', 'notebook_parameters', 'parameter_defaults',
-           'environ', 'follow_progress', 'run_stage', 'stage_marker', 'is_done', 'git_commit', 'default_out_dirs',
-           'summary_table', 'data_error', 'image_check_summary', 'write_image_check', 'reproduce', 'ensure_upstream',
-           'copy_notebooks', 'config_text', 'stages_text', 'main']
+__all__ = ['STAGES', 'DRIVER_MODULES', 'Stage', 'notebooks_dir', 'find_stages', 'notebook_code', 'notebook_module', 'stage_code',
+           'stage_inputs', 'inputs_key', 'stage_key', 'rerun_reason', 'prepare_notebook', 'notebook_parameters',
+           'parameter_defaults', 'environ', 'follow_progress', 'run_stage', 'stage_marker', 'is_done', 'git_commit',
+           'default_out_dirs', 'summary_table', 'data_error', 'image_check_summary', 'write_image_check',
+           'data_digests', 'reproduce', 'ensure_upstream', 'copy_notebooks', 'config_text', 'stages_text', 'main']
 
 # %% ../nbs/25_reproduce.ipynb #8c262754
 STAGES = (('data', '04_samples'), ('jigsaw', '11_pretext'), ('teachers', '12_teachers'), ('clustering', '14_clustering'),
@@ -53,18 +53,25 @@ def notebook_code(path:Path) -> list[str]:
 
 DRIVER_MODULES = ('kt_paper.reproduce',)   # runs the stages; not followed into a stage's code
 
+def notebook_module(path:Path) -> str|None:
+    "The module notebook `path` exports (`#| default_exp`), e.g. 'kt_paper.pretext'; None if it exports none."
+    m = re.search(r'^#\|\s*default_exp\s+(\S+)', '\n'.join(notebook_code(path)), re.M)
+    return f'kt_paper.{m[1]}' if m else None
+
 def stage_code(stage:Stage) -> dict[str, str]:
-    "File -> digest of every kt_paper module `stage`'s notebook may run (its imports, transitively)."
-    return code_files(source='\n'.join(notebook_code(stage.notebook)), exclude=DRIVER_MODULES)
+    "File -> digest of every kt_paper module `stage`'s notebook may run: its imports, transitively, and its own module."
+    own = notebook_module(stage.notebook)   # run from its file when the stage launches it in worker processes
+    return code_files(*([own] if own else []), source='\n'.join(notebook_code(stage.notebook)), exclude=DRIVER_MODULES)
 
 # %% ../nbs/25_reproduce.ipynb #f1a22d7f
 def stage_inputs(stage:Stage,    # the stage
                  params:dict,    # its papermill parameters
-                 upstream:dict   # name -> key of every stage before it
+                 upstream:dict,  # name -> key of every stage before it
+                 data:dict|None=None # role -> `image_check.folder_digest` of its folder (the data stage's)
                 ) -> dict:
-    "What `stage`'s result depends on: its notebook's code, the kt_paper code it may run, its parameters, the stages before it."
+    "What `stage`'s result depends on: its notebook's code, the kt_paper code it may run, its parameters and data, the stages before it."
     return dict(notebook=fingerprint(notebook_code(stage.notebook), n=16), code=stage_code(stage), params=params,
-                upstream=dict(upstream))
+                upstream=dict(upstream), **({'data': data} if data else {}))
 
 def inputs_key(stage:Stage, inputs:dict) -> str:
     "The cache key of `stage` given its `stage_inputs`."
@@ -89,6 +96,7 @@ def rerun_reason(marker:dict|None, # the stage's last completion marker (None: i
     if files := _changed(old.get('code', {}), inputs['code']): why.append('code changed: ' + ', '.join(files))
     if old.get('notebook') != inputs['notebook']: why.append('notebook changed')
     if names := _changed(old.get('params', {}), inputs['params']): why.append('parameters changed: ' + ', '.join(names))
+    if names := _changed(old.get('data', {}), inputs.get('data', {})): why.append('data changed: ' + ', '.join(names))
     if names := _changed(old.get('upstream', {}), inputs['upstream']): why.append('re-run before it: ' + ', '.join(names))
     return '; '.join(why) or 'inputs changed'
 
@@ -247,6 +255,16 @@ def write_image_check(out:Path, fig:Path) -> Path|None:
     with atomic_path(Path(fig)/'image_check.md') as t: t.write_text(image_check_markdown(load_json(f)))
     return Path(fig)/'image_check.md'
 
+# %% ../nbs/25_reproduce.ipynb #61d33a8a
+def data_digests(preset:str, data_root:str|None, seed:int, overrides:dict, env:dict) -> dict:
+    "role -> `folder_digest` of each data role's folder the run would read (those that exist)."
+    from kt_paper.data import DATA_PRESETS, dataset_roots
+    from kt_paper.image_check import folder_digest
+    try:
+        with environ(env): roots = dataset_roots(pick_preset(DATA_PRESETS, preset, **overrides.get('data', {})), data_root, seed, check=False)
+    except DataError: return {}   # the data stage says what is missing, in its own words
+    return {r: folder_digest(p) for r, p in roots.items() if Path(p).is_dir()}
+
 # %% ../nbs/25_reproduce.ipynb #fe52f1b3
 def reproduce(preset:str='tiny',          # one of test, tiny, small, paper
               data_root:str|None=None,     # folder holding the real datasets (small/paper presets)
@@ -299,7 +317,8 @@ def reproduce(preset:str='tiny',          # one of test, tiny, small, paper
     for i, st in enumerate(stages, 1):
         p = dict(base, **({'OVERRIDES': json.dumps(overrides[st.name], sort_keys=True)} if overrides.get(st.name) else {}),
                  **params.get(st.name, {}))
-        inputs = stage_inputs(st, dict(p, data_roles=data) if data and i == 1 else p, upstream)
+        inputs = stage_inputs(st, dict(p, data_roles=data) if data and i == 1 else p, upstream,
+                              data_digests(preset, data_root, seed, overrides, env) if st.name == 'data' else None)
         key = upstream[st.name] = inputs_key(st, inputs)
         head = f'[{i}/{len(stages)}] {st.name:<11}'
         if only and st.name != only: continue

@@ -78,7 +78,6 @@ def fcn_side(trunk:nn.Module, fc6_kernel:int, side:int) -> int:
         if ceil and (out - 1) * s >= side + p: out -= 1   # PyTorch's rule: the last window starts inside the input
         side = out
     return side
-    return side
 
 # %% ../nbs/19_segmentation.ipynb #c1a92aeb
 def bilinear_kernel(channels:int, # one kernel per channel (a grouped transposed convolution)

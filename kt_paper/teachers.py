@@ -142,7 +142,7 @@ class CNNTeacher(Teacher):
     def describe(self):
         return dict(name=self.name, image_size=self.image_size, pool=self.pool, pool_grid=self.pool_grid,
                     normalise=self.normalise, scale=self.scale, **self.info, weights_digest=model_digest(self.features),
-                    **({} if self.colour == 'rgb' else dict(colour=self.colour)))   # rgb unnamed: earlier runs' caches stay valid
+                    **({} if self.colour == 'rgb' else dict(colour=self.colour)))   # rgb unnamed: the default needs no name
 
 # %% ../nbs/12_teachers.ipynb #f74c705c
 def jigsaw_teacher(net_or_path,               # a `JigsawNet` or a checkpoint written by `save_jigsaw_net`
@@ -366,7 +366,7 @@ def supervised_trunk(images,             # `ImageSet`: training images and their
     from kt_paper.nets import build_cfn
     path = Path(path)
     key = fingerprint(cfg.image_size, epochs, seed, build_args, digest(image_ids(images.paths)), digest(images.labels), code_digest('kt_paper.teachers'),
-                      *(() if cfg.colour == 'rgb' else (cfg.colour,)))   # rgb unnamed: earlier trunks stay valid
+                      *(() if cfg.colour == 'rgb' else (cfg.colour,)))   # rgb unnamed: the default needs no name
     if path.exists():
         sd, meta = load_checkpoint(path)
         if meta.get('args', {}).get('fingerprint') == key:

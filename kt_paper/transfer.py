@@ -4,7 +4,7 @@
 
 # %% ../nbs/20_transfer.ipynb #da184635
 from __future__ import annotations
-import dataclasses, os, time
+import dataclasses, functools, os, time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,8 +30,8 @@ from .train import autocast_for, digest, model_digest, precision_policy
 __all__ = ['TRANSFER_PRESETS', 'PROTOCOLS', 'ClsConfig', 'DetConfig', 'TransferConfig', 'find_students', 'TrunkClassifier',
            'masked_bce', 'cls_window', 'cls_views', 'cls_view', 'ClsDraws', 'predict_classification',
            'voc07_classification', 'build_detector', 'det_target', 'to_voc_boxes', 'DetDraws', 'det_collate',
-           'det_loss', 'predict_detection', 'voc07_detection', 'run_protocol', 'transfer_student', 'transfer_noise',
-           'run_transfer']
+           'det_loss', 'predict_detection', 'voc07_detection', 'protocol_data', 'run_protocol', 'transfer_student',
+           'transfer_noise', 'run_transfer']
 
 # %% ../nbs/20_transfer.ipynb #0ca888ba
 @dataclass(frozen=True)
@@ -374,6 +374,23 @@ def voc07_detection(model:nn.Module, voc07:str|Path, cfg:DetConfig, multi_scale:
 PROTOCOLS = ('cls', 'det_ss', 'det_ms', 'seg')
 _CHECKPOINT_FILES = ('last.pth', 'last.pth.json', 'last_opt.pth', 'last_state.json')   # what `train.Checkpoint` writes
 
+def protocol_data(protocol:str, cfg:TransferConfig, voc:str|Path) -> str:
+    "A digest of the data `protocol` reads from `voc` under `cfg`: its train and test splits (as resolved) and their images and objects."
+    from kt_paper.data import images_left_out
+    left_out = fingerprint(sorted(images_left_out()))   # the run's unreadable images, left out by every reader
+    if protocol == 'seg':
+        from kt_paper.segmentation import seg_splits
+        return _split_digest('seg', str(voc), seg_splits(voc, cfg.seg), left_out)
+    c = cfg.cls if protocol == 'cls' else cfg.det
+    return _split_digest('voc', str(voc), (c.train_split, c.test_split), left_out)
+
+@functools.lru_cache(maxsize=64)
+def _split_digest(kind:str, voc:str, splits:tuple, left_out:str) -> str:   # read once per process and data
+    if kind == 'seg':
+        from kt_paper.finetune import read_voc_seg_split
+        return digest([f'{s}:{a}:{b}' for s in splits for a, b in read_voc_seg_split(voc, s)])
+    return fingerprint(splits, [voc_digest(read_voc_split(voc, s)) for s in splits])
+
 def run_protocol(model:nn.Module, protocol:str, cfg:TransferConfig, voc07:Path, voc12:Path, seed:int=0,
                  device='cpu', run_dir:Path|None=None, precision:str|None=None, num_workers:int|None=None, cbs=None) -> dict:
     "One protocol (`'cls'`, `'det_ss'`, `'det_ms'` or `'seg'`) for one model."
@@ -406,7 +423,9 @@ def transfer_student(name:str,             # the student's name (table row)
         if p == 'det_ms' and not cfg.multi_scale_det: continue
         voc = voc12 if p == 'seg' else voc07
         if voc is None: continue
-        key = fingerprint(p, dataclasses.replace(cfg, noise_rows=()), src, seed, str(voc), code_key('kt_paper.segmentation' if p == 'seg' else 'kt_paper.transfer'))
+        key = fingerprint(p, dataclasses.replace(cfg, noise_rows=()), src, seed, str(voc), protocol_data(p, cfg, voc),
+                          precision_policy(get_device(device), precision).name,
+                          code_key('kt_paper.segmentation' if p == 'seg' else 'kt_paper.transfer'))
         f = d/f'{p}.json'
         if f.exists() and load_json(f).get('key') == key: res[p] = load_json(f); continue
         run_dir = d/f'{p}-{key}'                        # checkpoints (removed when done) and history.csv

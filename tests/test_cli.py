@@ -102,6 +102,17 @@ def test_data_roles_checked_up_front_and_passed_on(toy, capsys):
     err = capsys.readouterr().err
     assert 'imagenet = ' in err and 'folder not found' in err and 'voc07 = ' in err and err.count('expected') == 2
 
+def test_changed_data_reruns_the_data_stage_and_later_ones(toy, capsys):
+    "A file replaced in a data role's folder re-runs the data stage (whose image check must see it) and every stage after it."
+    from kt_paper.builtin import ensure_builtin_dataset
+    import os
+    mine = toy/'my_objects'; shutil.copytree(ensure_builtin_dataset(None, 0, 'test')/'objects', mine)
+    _cli(toy, '--data', f'imagenet={mine}')
+    assert not any(_ran(_cli(toy, '--data', f'imagenet={mine}')).values())
+    f = sorted((mine/'train'/'cat').iterdir())[0]; st = f.stat(); os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    capsys.readouterr(); m = _cli(toy, '--data', f'imagenet={mine}')
+    assert all(_ran(m).values()) and 'data changed: imagenet' in capsys.readouterr().out
+
 def test_data_role_reaches_the_real_data_stage(tmp_path, monkeypatch):
     "`--data` on the real data notebook: the stage reads the given folder (through $KT_PAPER_DATA_<ROLE>)."
     from kt_paper.builtin import ensure_builtin_dataset
@@ -219,11 +230,11 @@ def test_bad_images_stop_the_run_before_any_training(tmp_path):
 
 def test_bad_images_left_out_of_every_stage(tmp_path):
     """`--on-bad-image skip`: the run goes on without them; the manifest, `image_check.md` and the stages' inputs agree.
-    (The data stage, then the teachers stage, whose features feed the clustering and the students: every reader takes
-    the same list, `kt_paper.data.images_left_out`.)"""
+    (The data stage, the pretext stage, where the issue's crash happened, and the teachers stage, whose features feed
+    the clustering and the students: every reader takes the same list, `kt_paper.data.images_left_out`.)"""
     mine, bad = _objects_with_bad_images(tmp_path)
     run = tmp_path/'run'
-    for stage in ('data', 'teachers'):
+    for stage in ('data', 'jigsaw', 'teachers'):
         rc, out, err = _kt_paper_cli('reproduce', '--preset', 'test', '--out', str(run), '--data', f'imagenet={mine}',
                                      '--on-bad-image', 'skip', '--only', stage, cwd=tmp_path)
         assert rc == 0, (out[-3000:], err[-3000:])
@@ -232,6 +243,7 @@ def test_bad_images_left_out_of_every_stage(tmp_path):
     assert sorted(s.split(':')[0] for s in m['image_check']['left_out']) == sorted(map(str, bad))
     md = (run/'figures'/'image_check.md').read_text()
     assert all(str(f) in md for f in bad) and 'left out of every stage' in md
+    assert (run/'jigsaw'/'jigsaw_cfn.pth').exists()   # the pretext stage trained: it would have died decoding them
     for teacher in ('hog', 'random'):   # the teachers' features (the clustering's and the students' inputs) lack them
         ids = load_json(run/'features'/teacher/'objects_train.json')['ids']
         assert ids and not any(i.endswith(('truncated.jpg', 'empty.jpg', 'notes.jpg')) for i in ids)
