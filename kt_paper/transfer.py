@@ -28,10 +28,10 @@ from .train import autocast_for, digest, model_digest, precision_policy
 
 # %% auto #0
 __all__ = ['TRANSFER_PRESETS', 'PROTOCOLS', 'ClsConfig', 'DetConfig', 'TransferConfig', 'find_students', 'TrunkClassifier',
-           'masked_bce', 'cls_window', 'cls_views', 'cls_view', 'ClsDraws', 'predict_classification',
-           'voc07_classification', 'build_detector', 'det_target', 'to_voc_boxes', 'DetDraws', 'det_collate',
-           'det_loss', 'predict_detection', 'voc07_detection', 'protocol_data', 'run_protocol', 'transfer_student',
-           'transfer_noise', 'run_transfer']
+           'masked_bce', 'cls_window', 'cls_views', 'cls_view', 'ClsDraws', 'cls_test_views', 'rebatch',
+           'predict_classification', 'voc07_classification', 'build_detector', 'det_target', 'to_voc_boxes', 'DetDraws',
+           'det_collate', 'det_loss', 'predict_detection', 'voc07_detection', 'protocol_data', 'run_protocol',
+           'transfer_student', 'transfer_noise', 'run_transfer']
 
 # %% ../nbs/20_transfer.ipynb #0ca888ba
 @dataclass(frozen=True)
@@ -219,21 +219,38 @@ class ClsDraws(StepDraws):
     collate_fn = staticmethod(keep_batch)   # `__getitems__` made the batch
 
 # %% ../nbs/20_transfer.ipynb #caf23bfa
+def cls_test_views(store:ImageStore, cfg:ClsConfig, seed:int=0):
+    "Yield each image's `(cfg.test_crops, 3, crop, crop)` test views in turn (image `i`'s drawn from `seed` and `i` alone)."
+    if cfg.test_views not in ('train', 'scale1'): raise ValueError(f"test_views must be 'train' or 'scale1', not {cfg.test_views!r}")
+    for i in range(len(store)):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + 7 + i)
+        with torch.autocast('cpu', enabled=False):   # views as made outside the caller's autocast
+            if cfg.test_views == 'train': v = cls_views([cls_window(store[i], cfg, g) for _ in range(cfg.test_crops)], cfg.crop)
+            else:
+                x = resize_short(store[i], cfg.resize)   # scale 1, resized once; the crops are windows of it
+                v = torch.stack([random_crop_flip(x, cfg.crop, g, prep=imagenet_normalize) for _ in range(cfg.test_crops)])
+        yield v
+
+def rebatch(chunks, bs:int):
+    "Consecutive `bs`-row batches (the last one shorter) of the rows of the tensors `chunks`; holds under `bs` rows + one chunk."
+    buf, n = [], 0
+    for c in chunks:
+        buf.append(c); n += len(c)
+        if n < bs: continue
+        x, k = torch.cat(buf), n - n % bs
+        for j in range(0, k, bs): yield x[j:j+bs]
+        buf, n = [x[k:]], n - k
+    if n: yield torch.cat(buf)
+
 @torch.no_grad()
 def predict_classification(model:nn.Module, store:ImageStore, cfg:ClsConfig, seed:int=0, device='cpu', bs:int=64,
                            precision:str|None=None) -> np.ndarray:
     "(N, 20) test scores over `cfg.test_crops` views of each image: summed raw outputs of training-transform views, or mean sigmoid of scale-1 crops."
     if cfg.test_views not in ('train', 'scale1'): raise ValueError(f"test_views must be 'train' or 'scale1', not {cfg.test_views!r}")
-    model.eval(); out = []
-    for i in range(len(store)):
-        g = torch.Generator().manual_seed(seed * 1_000_003 + 7 + i)
-        if cfg.test_views == 'train': out.append(cls_views([cls_window(store[i], cfg, g) for _ in range(cfg.test_crops)], cfg.crop))
-        else:
-            x = resize_short(store[i], cfg.resize)   # scale 1, resized once; the crops are windows of it
-            out.append(torch.stack([random_crop_flip(x, cfg.crop, g, prep=imagenet_normalize) for _ in range(cfg.test_crops)]))
-    views, p = torch.cat(out), []
-    with autocast_for(model, precision) as pol:
-        for k in range(0, len(views), bs): p.append(model(eval_layout(views[k:k+bs].to(device), pol)).float().cpu())
+    views, p = cls_test_views(store, cfg, seed), []
+    model.eval()
+    with autocast_for(model, precision) as pol:   # views made `bs` at a time: memory does not grow with the test set
+        for x in rebatch(views, bs): p.append(model(eval_layout(x.to(device), pol)).float().cpu())
     z = torch.cat(p).view(len(store), cfg.test_crops, -1)
     return (z.sum(1) if cfg.test_views == 'train' else torch.sigmoid(z).mean(1)).numpy()
 
