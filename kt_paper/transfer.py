@@ -29,9 +29,9 @@ from .train import autocast_for, digest, model_digest, precision_policy
 # %% auto #0
 __all__ = ['TRANSFER_PRESETS', 'PROTOCOLS', 'ClsConfig', 'DetConfig', 'TransferConfig', 'find_students', 'TrunkClassifier',
            'masked_bce', 'cls_window', 'cls_views', 'cls_view', 'ClsDraws', 'cls_test_views', 'rebatch',
-           'predict_classification', 'voc07_classification', 'build_detector', 'det_target', 'to_voc_boxes', 'DetDraws',
-           'det_collate', 'det_loss', 'predict_detection', 'voc07_detection', 'protocol_data', 'run_protocol',
-           'transfer_student', 'transfer_noise', 'run_transfer']
+           'predict_classification', 'voc07_classification', 'Float32AnchorGenerator', 'Float32BoxCoder',
+           'build_detector', 'det_target', 'to_voc_boxes', 'DetDraws', 'det_collate', 'det_loss', 'predict_detection',
+           'voc07_detection', 'protocol_data', 'run_protocol', 'transfer_student', 'transfer_noise', 'run_transfer']
 
 # %% ../nbs/20_transfer.ipynb #0ca888ba
 @dataclass(frozen=True)
@@ -291,25 +291,43 @@ def voc07_classification(model:nn.Module,   # an AlexNet student (its conv layer
                 final_loss=final_loss(learn), resumed_from_step=learn.resumed_from_step, seed=seed,
                 precision=precision_policy(device, precision).name, seconds=run_seconds(t0, t1, t2, c0))
 
+# %% ../nbs/20_transfer.ipynb #86d043a7
+from torchvision.models.detection._utils import BoxCoder
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+
+class Float32AnchorGenerator(AnchorGenerator):
+    "torchvision's `AnchorGenerator` with float32 anchors whatever the feature maps' dtype (bf16 under autocast)."
+    def forward(self, image_list, feature_maps:list) -> list:
+        # only the maps' shapes, dtype and device are read: float32 stand-ins that take no memory
+        return super().forward(image_list, [torch.empty((), device=f.device).expand(f.shape) for f in feature_maps])
+
+class Float32BoxCoder(BoxCoder):
+    "torchvision's `BoxCoder` in float32: regression targets and decoded boxes keep sub-pixel coordinates under autocast."
+    def encode(self, reference_boxes:list, proposals:list) -> tuple:
+        return super().encode([b.float() for b in reference_boxes], [b.float() for b in proposals])
+    def decode(self, rel_codes:torch.Tensor, boxes:list) -> torch.Tensor:
+        return super().decode(rel_codes.float(), [b.float() for b in boxes])
+
 # %% ../nbs/20_transfer.ipynb #403c2e14
 def build_detector(model:nn.Module, cfg:DetConfig, multi_scale:bool=False) -> nn.Module:
-    "A torchvision Faster R-CNN on the conv trunk of `model` (fresh RPN, fc6/fc7 box head and 21-way predictor)."
+    "A torchvision Faster R-CNN on the conv trunk of `model` (fresh RPN, fc6/fc7 box head and 21-way predictor), box arithmetic in float32."
     from torchvision.models.detection import FasterRCNN
-    from torchvision.models.detection.rpn import AnchorGenerator
     from torchvision.models.detection.faster_rcnn import TwoMLPHead, FastRCNNPredictor
     from torchvision.ops import MultiScaleRoIAlign
     trunk = conv_trunk(model, False); trunk.out_channels = c = trunk_channels(trunk)
     fc = cfg.fc_dim or student_fc_dim(model)
-    return FasterRCNN(trunk, num_classes=None,
+    det = FasterRCNN(trunk, num_classes=None,
         min_size=tuple(cfg.ms_scales) if multi_scale else cfg.min_size, max_size=cfg.ms_max_size if multi_scale else cfg.max_size,
         image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD),
-        rpn_anchor_generator=AnchorGenerator((tuple(cfg.anchor_sizes),), ((0.5, 1., 2.),)),
+        rpn_anchor_generator=Float32AnchorGenerator((tuple(cfg.anchor_sizes),), ((0.5, 1., 2.),)),
         rpn_pre_nms_top_n_train=cfg.rpn_pre_nms_train, rpn_post_nms_top_n_train=cfg.rpn_post_nms_train,
         rpn_pre_nms_top_n_test=cfg.rpn_pre_nms_test, rpn_post_nms_top_n_test=cfg.rpn_post_nms_test,
         rpn_batch_size_per_image=cfg.rpn_batch, box_batch_size_per_image=cfg.roi_batch,
         box_roi_pool=MultiScaleRoIAlign(['0'], cfg.roi_size, 2), box_head=TwoMLPHead(c * cfg.roi_size**2, fc),
         box_predictor=FastRCNNPredictor(fc, 21), box_nms_thresh=cfg.nms, box_score_thresh=cfg.score_thresh,
         box_detections_per_img=cfg.max_dets)
+    for m in (det.rpn, det.roi_heads): m.box_coder = Float32BoxCoder(m.box_coder.weights, m.box_coder.bbox_xform_clip)   # see above
+    return det
 
 def det_target(im:VOCImage, flip:bool=False) -> dict:
     "torchvision target of a VOC image: non-difficult boxes in 0-based continuous pixels, labels 1..20 (0 = background)."

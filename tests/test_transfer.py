@@ -390,3 +390,29 @@ def test_classification_test_views_stream_in_bounded_batches(views):
         assert all(b <= bs for b, _ in net.seen) and sum(b for b, _ in net.seen) == 7 * 3
         assert all(reads <= -(-(k + 1) * bs // 3) for k, (_, reads) in enumerate(net.seen)), (bs, net.seen)   # images for k+1 batches
 
+
+def test_detector_box_coordinates_stay_float32_under_bf16(alexnet):
+    "Under bf16 autocast the detector's anchors, decoded boxes (RPN and RoI heads), regression targets and detections equal float32 arithmetic to < 0.01 px."
+    from torchvision.models.detection._utils import BoxCoder
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.image_list import ImageList
+    from kt_paper.transfer import build_detector
+    cfg = dataclasses.replace(TRANSFER_PRESETS['test'].det, anchor_sizes=(64, 128, 256), min_size=480, max_size=640, score_thresh=0.)
+    det = build_detector(alexnet, cfg).eval()
+    il, fm = ImageList(torch.zeros(1, 3, 480, 640), [(480, 640)]), torch.zeros(1, 8, 30, 40, dtype=torch.bfloat16)
+    ref_anchors = AnchorGenerator(((64, 128, 256),), ((0.5, 1., 2.),))(il, [fm.float()])[0]
+    g = torch.Generator().manual_seed(0)
+    boxes = torch.rand(50, 2, generator=g) * 100 + 300; boxes = torch.cat([boxes, boxes + 80 + torch.rand(50, 2, generator=g) * 120], 1)
+    codes = (torch.randn(50, 4, generator=g) / 10).bfloat16()                  # what a bf16 network regresses
+    with torch.autocast('cpu', torch.bfloat16):
+        anchors = det.rpn.anchor_generator(il, [fm])[0]
+        for coder in (det.rpn.box_coder, det.roi_heads.box_coder):
+            ref = BoxCoder(coder.weights, coder.bbox_xform_clip).decode(codes.float(), [boxes])
+            dec = coder.decode(codes, [boxes])
+            assert dec.dtype == torch.float32 and (dec - ref).abs().max() < .01
+            back = coder.encode([dec.view(-1, 4)], [boxes])[0]                 # regression targets of those boxes
+            assert (back - codes.float()).abs().max() < 1e-3
+        out = det([torch.rand(3, 480, 640, generator=g)])[0]
+    assert anchors.dtype == torch.float32 and (anchors - ref_anchors).abs().max() < .01
+    assert len(out['boxes']) and out['boxes'].dtype == torch.float32
+    assert det.rpn.anchor_generator.cell_anchors[0].dtype == torch.float32      # not left rounded for later fp32 calls
