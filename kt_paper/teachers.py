@@ -219,22 +219,31 @@ def train_supervised_teacher(paths:Sequence,        # training images
                              device='auto',         # device
                              loader:Callable|None=None, # path -> PIL image
                              num_workers:int|None=None, # DataLoader workers (None: `default_num_workers()`)
+                             valid_paths:Sequence|None=None,  # held-out images scored after each epoch (None: no validation)
+                             valid_labels:Sequence|None=None, # their class indices
+                             cbs=None,              # extra callbacks of the fit
                              **build_args           # `build_cfn` arguments of the trunk
                             ) -> nn.Sequential:
-    "Train a CFN trunk + linear head on the true labels; return the trained trunk."
+    "Train a CFN trunk + linear head on the true labels on `device`, validated on `valid_paths`; return the trained trunk (on the CPU)."
     from kt_paper.nets import build_cfn
     from fastai.data.core import DataLoaders
     from fastai.learner import Learner
     from fastai.metrics import accuracy
+    if (valid_paths is None) != (valid_labels is None): raise ValueError('valid_paths and valid_labels go together')
     seed_everything(seed)
+    dev, nw = get_device(device), default_num_workers() if num_workers is None else num_workers
     trunk = build_cfn(**{'init': 'torch', **build_args}).trunk
     prep = CNNTeacher(nn.Identity(), 'x', cfg.image_size, colour=cfg.colour)   # trained on what the teacher will see
     ds = _LabelledImages(paths, labels, prep, loader or load_rgb)
-    dl = torch.utils.data.DataLoader(ds, bs, shuffle=True, num_workers=default_num_workers() if num_workers is None else num_workers,
-                                     generator=torch.Generator().manual_seed(seed), drop_last=len(ds) > bs)
-    model = _Classifier(trunk, int(max(labels)) + 1)
-    learn = Learner(DataLoaders(dl, dl, device=get_device(device)), model, loss_func=nn.CrossEntropyLoss(), opt_func=adam, metrics=accuracy)
-    fit(learn, epochs, cbs=[ParamScheduler({'lr': one_cycle(lr, div_final=1e5), 'mom': one_cycle_mom()})])   # fastai's fit_one_cycle
+    dl = torch.utils.data.DataLoader(ds, bs, shuffle=True, num_workers=nw, generator=torch.Generator().manual_seed(seed), drop_last=len(ds) > bs)
+    vdl = (torch.utils.data.DataLoader(_LabelledImages(valid_paths, valid_labels, prep, loader or load_rgb), bs, shuffle=False, num_workers=nw)
+           if valid_paths is not None else torch.utils.data.DataLoader([]))
+    model = _Classifier(trunk, int(max([*labels, *([] if valid_labels is None else valid_labels)])) + 1).to(dev)
+    dls = DataLoaders(dl, vdl)
+    dls._device = dev   # torch loaders have no `.to` (fastai's `device` setter): without it fastai puts model and batches on its default device
+    learn = Learner(dls, model, loss_func=nn.CrossEntropyLoss(), opt_func=adam, metrics=accuracy if valid_paths is not None else None)
+    learn.recorder.valid_metrics = valid_paths is not None
+    fit(learn, epochs, cbs=[ParamScheduler({'lr': one_cycle(lr, div_final=1e5), 'mom': one_cycle_mom()})] + list(cbs or []))   # fastai's fit_one_cycle
     return model.trunk.cpu().eval()
 
 class _LabelledImages(torch.utils.data.Dataset):
@@ -360,6 +369,7 @@ def supervised_trunk(images,             # `ImageSet`: training images and their
                      epochs:int=2,       # training epochs
                      seed:int=0, device='auto',
                      num_workers:int|None=None, # DataLoader workers (None: `default_num_workers()`)
+                     valid_images=None,  # `ImageSet` the training is validated on (the objects val split; None: none)
                      **build_args        # `kt_paper.nets.build_cfn` arguments of the trunk
                     ) -> nn.Sequential:
     "The trunk of `train_supervised_teacher` on `images`, saved to `path`; reused from `path` when made the same way."
@@ -373,7 +383,8 @@ def supervised_trunk(images,             # `ImageSet`: training images and their
             trunk = build_cfn(**{'init': 'torch', **build_args}).trunk; trunk.load_state_dict(sd)
             return trunk.eval()
     trunk = train_supervised_teacher(images.paths, images.labels, cfg, epochs=epochs, seed=seed, device=device,
-                                     loader=load_rgb, num_workers=num_workers, **build_args)
+                                     loader=load_rgb, num_workers=num_workers, valid_paths=getattr(valid_images, 'paths', None),
+                                     valid_labels=getattr(valid_images, 'labels', None), **build_args)
     save_checkpoint(trunk, path, arch='cfn_trunk', build_args=build_args, fingerprint=key)
     return trunk
 
@@ -392,7 +403,8 @@ def stage_teachers(out,                     # the run folder
                    jigsaw_ckpt=None,        # explicit Jigsaw++ checkpoint (see `jigsaw_checkpoint`)
                    supervised_epochs:int=0, # > 0: add the supervised reference, trained on `train_images`
                    train_images=None,       # `ImageSet` with true classes (the objects train split)
-                   num_workers:int|None=None # DataLoader workers of the supervised training
+                   num_workers:int|None=None, # DataLoader workers of the supervised training
+                   valid_images=None        # `ImageSet` the supervised training is validated on (the objects val split)
                   ) -> dict:
     "name -> `Teacher`: HOG, the random trunk, and those whose networks exist (Jigsaw++ CFN and VGG16, supervised)."
     from kt_paper.jigsaw import JIGSAW_PRESETS
@@ -405,7 +417,7 @@ def stage_teachers(out,                     # the run folder
     if supervised_epochs:
         if train_images is None: raise ValueError('supervised_epochs > 0 needs train_images (the labelled objects train split)')
         sup = out/'teachers'/'supervised_trunk.pth'
-        trunk = supervised_trunk(train_images, sup, cfg, supervised_epochs, seed, device, num_workers, **args)
+        trunk = supervised_trunk(train_images, sup, cfg, supervised_epochs, seed, device, num_workers, valid_images, **args)
         teachers['supervised'] = supervised_teacher(trunk, cfg, dict(checkpoint=str(sup), checkpoint_sha=digest(sup),
                                                                      epochs=supervised_epochs))
     return teachers
@@ -433,7 +445,8 @@ def run_teachers(out,                         # run folder: features go to `<out
         from kt_paper.pretext import run_pretext
         run_pretext(str(out), preset, data_root, seed=seed, device=device)
     if supervised_epochs is None: supervised_epochs = 0 if preset in ('test', 'medium') else 2   # medium: its CPU budget
-    teachers = stage_teachers(out, preset, cfg, seed, device, jigsaw_ckpt, supervised_epochs, sets['objects_train'], num_workers)
+    teachers = stage_teachers(out, preset, cfg, seed, device, jigsaw_ckpt, supervised_epochs, sets['objects_train'], num_workers,
+                              sets['objects_val'])
     res = {}
     for name, teacher in teachers.items():
         t0, files, reused, dim = time.time(), {}, {}, None

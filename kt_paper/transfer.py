@@ -28,10 +28,10 @@ from .train import autocast_for, digest, model_digest, precision_policy
 
 # %% auto #0
 __all__ = ['TRANSFER_PRESETS', 'PROTOCOLS', 'ClsConfig', 'DetConfig', 'TransferConfig', 'find_students', 'TrunkClassifier',
-           'masked_bce', 'cls_window', 'cls_views', 'cls_view', 'ClsDraws', 'predict_classification',
-           'voc07_classification', 'build_detector', 'det_target', 'to_voc_boxes', 'DetDraws', 'det_collate',
-           'det_loss', 'predict_detection', 'voc07_detection', 'protocol_data', 'run_protocol', 'transfer_student',
-           'transfer_noise', 'run_transfer']
+           'masked_bce', 'cls_window', 'cls_views', 'cls_view', 'ClsDraws', 'cls_test_views', 'rebatch',
+           'predict_classification', 'voc07_classification', 'Float32AnchorGenerator', 'Float32BoxCoder',
+           'build_detector', 'det_target', 'to_voc_boxes', 'DetDraws', 'det_collate', 'det_loss', 'predict_detection',
+           'voc07_detection', 'protocol_data', 'run_protocol', 'transfer_student', 'transfer_noise', 'run_transfer']
 
 # %% ../nbs/20_transfer.ipynb #0ca888ba
 @dataclass(frozen=True)
@@ -219,21 +219,38 @@ class ClsDraws(StepDraws):
     collate_fn = staticmethod(keep_batch)   # `__getitems__` made the batch
 
 # %% ../nbs/20_transfer.ipynb #caf23bfa
+def cls_test_views(store:ImageStore, cfg:ClsConfig, seed:int=0):
+    "Yield each image's `(cfg.test_crops, 3, crop, crop)` test views in turn (image `i`'s drawn from `seed` and `i` alone)."
+    if cfg.test_views not in ('train', 'scale1'): raise ValueError(f"test_views must be 'train' or 'scale1', not {cfg.test_views!r}")
+    for i in range(len(store)):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + 7 + i)
+        with torch.autocast('cpu', enabled=False):   # views as made outside the caller's autocast
+            if cfg.test_views == 'train': v = cls_views([cls_window(store[i], cfg, g) for _ in range(cfg.test_crops)], cfg.crop)
+            else:
+                x = resize_short(store[i], cfg.resize)   # scale 1, resized once; the crops are windows of it
+                v = torch.stack([random_crop_flip(x, cfg.crop, g, prep=imagenet_normalize) for _ in range(cfg.test_crops)])
+        yield v
+
+def rebatch(chunks, bs:int):
+    "Consecutive `bs`-row batches (the last one shorter) of the rows of the tensors `chunks`; holds under `bs` rows + one chunk."
+    buf, n = [], 0
+    for c in chunks:
+        buf.append(c); n += len(c)
+        if n < bs: continue
+        x, k = torch.cat(buf), n - n % bs
+        for j in range(0, k, bs): yield x[j:j+bs]
+        buf, n = [x[k:]], n - k
+    if n: yield torch.cat(buf)
+
 @torch.no_grad()
 def predict_classification(model:nn.Module, store:ImageStore, cfg:ClsConfig, seed:int=0, device='cpu', bs:int=64,
                            precision:str|None=None) -> np.ndarray:
     "(N, 20) test scores over `cfg.test_crops` views of each image: summed raw outputs of training-transform views, or mean sigmoid of scale-1 crops."
     if cfg.test_views not in ('train', 'scale1'): raise ValueError(f"test_views must be 'train' or 'scale1', not {cfg.test_views!r}")
-    model.eval(); out = []
-    for i in range(len(store)):
-        g = torch.Generator().manual_seed(seed * 1_000_003 + 7 + i)
-        if cfg.test_views == 'train': out.append(cls_views([cls_window(store[i], cfg, g) for _ in range(cfg.test_crops)], cfg.crop))
-        else:
-            x = resize_short(store[i], cfg.resize)   # scale 1, resized once; the crops are windows of it
-            out.append(torch.stack([random_crop_flip(x, cfg.crop, g, prep=imagenet_normalize) for _ in range(cfg.test_crops)]))
-    views, p = torch.cat(out), []
-    with autocast_for(model, precision) as pol:
-        for k in range(0, len(views), bs): p.append(model(eval_layout(views[k:k+bs].to(device), pol)).float().cpu())
+    views, p = cls_test_views(store, cfg, seed), []
+    model.eval()
+    with autocast_for(model, precision) as pol:   # views made `bs` at a time: memory does not grow with the test set
+        for x in rebatch(views, bs): p.append(model(eval_layout(x.to(device), pol)).float().cpu())
     z = torch.cat(p).view(len(store), cfg.test_crops, -1)
     return (z.sum(1) if cfg.test_views == 'train' else torch.sigmoid(z).mean(1)).numpy()
 
@@ -274,25 +291,43 @@ def voc07_classification(model:nn.Module,   # an AlexNet student (its conv layer
                 final_loss=final_loss(learn), resumed_from_step=learn.resumed_from_step, seed=seed,
                 precision=precision_policy(device, precision).name, seconds=run_seconds(t0, t1, t2, c0))
 
+# %% ../nbs/20_transfer.ipynb #86d043a7
+from torchvision.models.detection._utils import BoxCoder
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+
+class Float32AnchorGenerator(AnchorGenerator):
+    "torchvision's `AnchorGenerator` with float32 anchors whatever the feature maps' dtype (bf16 under autocast)."
+    def forward(self, image_list, feature_maps:list) -> list:
+        # only the maps' shapes, dtype and device are read: float32 stand-ins that take no memory
+        return super().forward(image_list, [torch.empty((), device=f.device).expand(f.shape) for f in feature_maps])
+
+class Float32BoxCoder(BoxCoder):
+    "torchvision's `BoxCoder` in float32: regression targets and decoded boxes keep sub-pixel coordinates under autocast."
+    def encode(self, reference_boxes:list, proposals:list) -> tuple:
+        return super().encode([b.float() for b in reference_boxes], [b.float() for b in proposals])
+    def decode(self, rel_codes:torch.Tensor, boxes:list) -> torch.Tensor:
+        return super().decode(rel_codes.float(), [b.float() for b in boxes])
+
 # %% ../nbs/20_transfer.ipynb #403c2e14
 def build_detector(model:nn.Module, cfg:DetConfig, multi_scale:bool=False) -> nn.Module:
-    "A torchvision Faster R-CNN on the conv trunk of `model` (fresh RPN, fc6/fc7 box head and 21-way predictor)."
+    "A torchvision Faster R-CNN on the conv trunk of `model` (fresh RPN, fc6/fc7 box head and 21-way predictor), box arithmetic in float32."
     from torchvision.models.detection import FasterRCNN
-    from torchvision.models.detection.rpn import AnchorGenerator
     from torchvision.models.detection.faster_rcnn import TwoMLPHead, FastRCNNPredictor
     from torchvision.ops import MultiScaleRoIAlign
     trunk = conv_trunk(model, False); trunk.out_channels = c = trunk_channels(trunk)
     fc = cfg.fc_dim or student_fc_dim(model)
-    return FasterRCNN(trunk, num_classes=None,
+    det = FasterRCNN(trunk, num_classes=None,
         min_size=tuple(cfg.ms_scales) if multi_scale else cfg.min_size, max_size=cfg.ms_max_size if multi_scale else cfg.max_size,
         image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD),
-        rpn_anchor_generator=AnchorGenerator((tuple(cfg.anchor_sizes),), ((0.5, 1., 2.),)),
+        rpn_anchor_generator=Float32AnchorGenerator((tuple(cfg.anchor_sizes),), ((0.5, 1., 2.),)),
         rpn_pre_nms_top_n_train=cfg.rpn_pre_nms_train, rpn_post_nms_top_n_train=cfg.rpn_post_nms_train,
         rpn_pre_nms_top_n_test=cfg.rpn_pre_nms_test, rpn_post_nms_top_n_test=cfg.rpn_post_nms_test,
         rpn_batch_size_per_image=cfg.rpn_batch, box_batch_size_per_image=cfg.roi_batch,
         box_roi_pool=MultiScaleRoIAlign(['0'], cfg.roi_size, 2), box_head=TwoMLPHead(c * cfg.roi_size**2, fc),
         box_predictor=FastRCNNPredictor(fc, 21), box_nms_thresh=cfg.nms, box_score_thresh=cfg.score_thresh,
         box_detections_per_img=cfg.max_dets)
+    for m in (det.rpn, det.roi_heads): m.box_coder = Float32BoxCoder(m.box_coder.weights, m.box_coder.bbox_xform_clip)   # see above
+    return det
 
 def det_target(im:VOCImage, flip:bool=False) -> dict:
     "torchvision target of a VOC image: non-difficult boxes in 0-based continuous pixels, labels 1..20 (0 = background)."

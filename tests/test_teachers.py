@@ -121,6 +121,30 @@ def test_supervised_teacher_trains(images):
     fresh = T.random_teacher(CFG, seed=0, **SMALL)
     assert not torch.equal(t.embed(x), fresh.embed(x))
 
+def test_supervised_teacher_validates_on_held_out_images_on_its_device(images, monkeypatch):
+    "Validation sees the held-out images (in order) and scores them; model and batches stay on `device`, not fastai's default."
+    import sys
+    from fastai.callback.core import Callback
+    root, paths = images
+    fake = lambda use=-1: torch.device('meta')        # fastai's default device, as CUDA would be on a GPU machine
+    for m in [m for n, m in sys.modules.items() if n.startswith('fastai') and hasattr(m, 'default_device')]:
+        monkeypatch.setattr(m, 'default_device', fake)
+    class Seen(Callback):
+        def before_fit(self): self.devices, self.ys, self.hits = set(), [], []
+        def before_validate(self): self.ys, self.hits = [], []
+        def before_batch(self): self.devices |= {next(self.model.parameters()).device, self.xb[0].device}
+        def after_batch(self):
+            if not self.training: self.ys.append(self.yb[0]); self.hits.append(self.pred.argmax(1) == self.yb[0])
+        def after_fit(self): self.values = list(self.learn.recorder.values)
+    seen, vlabels = Seen(), [2, 2, 0, 1, 2]
+    T.train_supervised_teacher(paths[:6], [i % 3 for i in range(6)], CFG, epochs=2, bs=4, device='cpu', num_workers=0,
+                               valid_paths=paths[6:], valid_labels=vlabels, cbs=[seen], **SMALL)
+    assert seen.devices == {torch.device('cpu')}
+    assert torch.cat(seen.ys).tolist() == vlabels
+    acc = seen.values[-1][-1]          # (train loss, valid loss, accuracy) of the last epoch
+    assert acc == pytest.approx(torch.cat(seen.hits).float().mean().item())
+    with pytest.raises(ValueError, match='together'): T.train_supervised_teacher(paths, [0] * 11, CFG, valid_paths=paths)
+
 def _mallinfo2():
     import ctypes
     class MI2(ctypes.Structure): _fields_ = [(k, ctypes.c_size_t) for k in 'arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost'.split()]

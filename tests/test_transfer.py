@@ -350,3 +350,69 @@ def test_segmentation_splits_follow_the_fcn_reference_when_present(toy_voc, tmp_
     r = voc12_segmentation(build_alexnet(20, width=.125, bn=True, conv1_stride=2, input_size=48), voc,
                            SegConfig(iters=2, bs=2, iter_size=1, lr=1e-2, milestones=(1,), crop=48, head='light', head_dim=16), seed=0)
     assert (r['train_split'], r['test_split'], r['n_train'], r['n_test']) == ('sbd_train', 'seg11valid', 3, 2)
+
+
+def _old_predict_classification(model, store, cfg, seed=0, bs=64):
+    "The all-views-at-once scores (the code before streaming), as the reference."
+    from kt_paper.transfer import cls_views, cls_window
+    from kt_paper.finetune import resize_short
+    from kt_paper.images import imagenet_normalize
+    out = []
+    for i in range(len(store)):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + 7 + i)
+        if cfg.test_views == 'train': out.append(cls_views([cls_window(store[i], cfg, g) for _ in range(cfg.test_crops)], cfg.crop))
+        else: out.append(torch.stack([random_crop_flip(resize_short(store[i], cfg.resize), cfg.crop, g, prep=imagenet_normalize)
+                                      for _ in range(cfg.test_crops)]))
+    views = torch.cat(out)
+    with torch.no_grad(): z = torch.cat([model.eval()(views[k:k+bs]) for k in range(0, len(views), bs)]).view(len(store), cfg.test_crops, -1)
+    return (z.sum(1) if cfg.test_views == 'train' else torch.sigmoid(z).mean(1)).numpy()
+
+
+@pytest.mark.parametrize('views', ['train', 'scale1'])
+def test_classification_test_views_stream_in_bounded_batches(views):
+    "Same scores as all views at once, whatever `bs`; no batch over `bs` views, and images read only as their batch needs them."
+    from kt_paper.transfer import predict_classification
+    class Reads(list):
+        def __init__(self, xs): super().__init__(xs); self.n = 0
+        def __getitem__(self, i): self.n = max(self.n, i + 1); return super().__getitem__(i)   # images read so far
+    class Net(torch.nn.Module):
+        def __init__(self, store):
+            super().__init__(); torch.manual_seed(0); self.store, self.seen = store, []
+            self.f = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 20))
+        def forward(self, x): self.seen.append((len(x), self.store.n)); return self.f(x)
+    g = torch.Generator().manual_seed(0)
+    store = Reads([torch.randint(0, 256, (3, 30 + 5*n, 40 - 3*n), dtype=torch.uint8, generator=g) for n in range(7)])
+    cfg = dataclasses.replace(CLS, crop=24, test_crops=3, test_views=views, resize=28)
+    net = Net(store); ref = _old_predict_classification(net, store, cfg, bs=1000)
+    for bs in (4, 5, 21, 64):
+        store.n, net.seen = 0, []
+        np.testing.assert_allclose(predict_classification(net, store, cfg, bs=bs, precision='fp32'), ref, rtol=1e-5, atol=1e-6)
+        assert all(b <= bs for b, _ in net.seen) and sum(b for b, _ in net.seen) == 7 * 3
+        assert all(reads <= -(-(k + 1) * bs // 3) for k, (_, reads) in enumerate(net.seen)), (bs, net.seen)   # images for k+1 batches
+
+
+def test_detector_box_coordinates_stay_float32_under_bf16(alexnet):
+    "Under bf16 autocast the detector's anchors, decoded boxes (RPN and RoI heads), regression targets and detections equal float32 arithmetic to < 0.01 px."
+    from torchvision.models.detection._utils import BoxCoder
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.image_list import ImageList
+    from kt_paper.transfer import build_detector
+    cfg = dataclasses.replace(TRANSFER_PRESETS['test'].det, anchor_sizes=(64, 128, 256), min_size=480, max_size=640, score_thresh=0.)
+    det = build_detector(alexnet, cfg).eval()
+    il, fm = ImageList(torch.zeros(1, 3, 480, 640), [(480, 640)]), torch.zeros(1, 8, 30, 40, dtype=torch.bfloat16)
+    ref_anchors = AnchorGenerator(((64, 128, 256),), ((0.5, 1., 2.),))(il, [fm.float()])[0]
+    g = torch.Generator().manual_seed(0)
+    boxes = torch.rand(50, 2, generator=g) * 100 + 300; boxes = torch.cat([boxes, boxes + 80 + torch.rand(50, 2, generator=g) * 120], 1)
+    codes = (torch.randn(50, 4, generator=g) / 10).bfloat16()                  # what a bf16 network regresses
+    with torch.autocast('cpu', torch.bfloat16):
+        anchors = det.rpn.anchor_generator(il, [fm])[0]
+        for coder in (det.rpn.box_coder, det.roi_heads.box_coder):
+            ref = BoxCoder(coder.weights, coder.bbox_xform_clip).decode(codes.float(), [boxes])
+            dec = coder.decode(codes, [boxes])
+            assert dec.dtype == torch.float32 and (dec - ref).abs().max() < .01
+            back = coder.encode([dec.view(-1, 4)], [boxes])[0]                 # regression targets of those boxes
+            assert (back - codes.float()).abs().max() < 1e-3
+        out = det([torch.rand(3, 480, 640, generator=g)])[0]
+    assert anchors.dtype == torch.float32 and (anchors - ref_anchors).abs().max() < .01
+    assert len(out['boxes']) and out['boxes'].dtype == torch.float32
+    assert det.rpn.anchor_generator.cell_anchors[0].dtype == torch.float32      # not left rounded for later fp32 calls
