@@ -74,7 +74,6 @@ def cuda_unavailable_reason() -> str|None:
     return (f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no CUDA device "
             "(no GPU, or a driver too old for this build: compare `nvidia-smi` with the build's CUDA version)")
 
-
 # %% ../nbs/00_core.ipynb #242cff75
 class CudaFallbackWarning(UserWarning):
     "`device='auto'` ran on the CPU although CUDA was expected (an NVIDIA driver is present, or several GPUs were asked for)."
