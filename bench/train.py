@@ -33,6 +33,7 @@ import argparse, contextlib, copy, time
 import numpy as np, torch
 from torch import nn
 from _common import cpu_name, smoke_defaults, SMOKE_HELP, SMOKE_NOTE
+from kt_paper.core import cuda_has_bf16
 
 DEVICE = torch.device('cpu')   # set by `--device`; every case and loop runs there
 
@@ -62,12 +63,15 @@ def bare(model, batches, opt, precision, channels_last, loss=nn.CrossEntropyLoss
     return n / (time.perf_counter() - t0)
 
 class Timer:
-    "A fastai callback timing the training batches after `warmup` (up to validation)."
+    "A fastai callback timing the training batches after `warmup` (up to validation); it stops a model that is not on `DEVICE`."
     def __new__(cls, warmup):
         from fastai.callback.core import Callback
         class _T(Callback):
             order = 100
-            def before_fit(self): self.i, self.n, self.t0 = 0, 0, None
+            def before_fit(self):
+                dev = next(self.learn.model.parameters()).device
+                if dev.type != DEVICE.type: raise RuntimeError(f"kt_paper's side trains on {dev}, the bare loops on {DEVICE}")
+                self.i, self.n, self.t0 = 0, 0, None
             def after_batch(self):
                 if not self.training: return
                 self.i += 1
@@ -115,7 +119,7 @@ def student_case(preset, steps, warmup):
     model = build_alexnet(100, **cfg.alexnet_args())
     def kt():
         dls = make_student_dls(ImageTensorDataset(x, y.numpy(), cfg.crop, True), ImageTensorDataset(x[:cfg.bs], y[:cfg.bs].numpy(), cfg.crop, False), cfg.bs, num_workers=0, device=DEVICE)
-        t = Timer(warmup); learn = student_learner(copy.deepcopy(model), dls, cfg, cbs=[t])
+        t = Timer(warmup); learn = student_learner(copy.deepcopy(model).to(DEVICE), dls, cfg, cbs=[t])   # batches follow the model
         fit(learn, 1, quiet=True); return t.rate, learn.precision_used
     opt = lambda nps: torch.optim.SGD([p for _, p in nps], lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.wd)   # the student's: coupled wd
     kt.same_work = lambda: bare_crops(x, y, cfg.bs, cfg.crop, steps + warmup)
@@ -177,7 +181,7 @@ def transfer_case(preset, steps, warmup):
 
 CASES = dict(student=student_case, pretext=pretext_case, probes=probe_case, transfer=transfer_case)
 
-def low_precision(dev): return 'bf16' if dev.type == 'cpu' or torch.cuda.is_bf16_supported() else 'fp16'
+def low_precision(dev): return 'bf16' if dev.type == 'cpu' or cuda_has_bf16(dev) else 'fp16'
 
 def main():
     ap = argparse.ArgumentParser()
@@ -194,7 +198,7 @@ def main():
     DEVICE = torch.device(a.device)
     torch.manual_seed(0)
     if DEVICE.type == 'cuda':
-        bf16 = torch.cuda.is_bf16_supported()
+        bf16 = cuda_has_bf16(DEVICE)   # native only: emulated bf16 (pre-Ampere) is slower than fp16 + scaler, as in `precision_policy`
         print(f"machine: {torch.cuda.get_device_name(DEVICE)} (host {cpu_name()}), torch {torch.__version__}, preset {a.preset}")
         variants = [('fp32', False), ('fp32', True)] + ([('bf16', False), ('bf16', True)] if bf16 else [('fp16', False), ('fp16', True)])
     else:

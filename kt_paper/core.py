@@ -4,17 +4,18 @@
 
 # %% ../nbs/00_core.ipynb #1a9e3d8b
 from __future__ import annotations
-import contextlib, dataclasses, functools, hashlib, json, os, platform, random, re, tempfile, time
+import contextlib, dataclasses, functools, hashlib, json, os, platform, random, re, shutil, tempfile, time, warnings
 from pathlib import Path
 import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['PRESET_NAMES', 'PRESENTATION_MODULES', 'in_test', 'preset_name', 'pick_preset', 'seed_everything', 'get_device',
-           'cpu_has_bf16', 'usable_cores', 'default_num_workers', 'atomic_path', 'save_json', 'load_json', 'save_array',
-           'save_checkpoint', 'load_checkpoint', 'fingerprint', 'imported_modules', 'module_file', 'code_files',
-           'code_digest', 'project_root', 'resolve_out_dir', 'cache_dir', 'environment_info', 'pin_mmap_threshold',
-           'hold_freed_memory', 'progress', 'format_progress', 'show_doc']
+__all__ = ['PRESET_NAMES', 'PRESENTATION_MODULES', 'in_test', 'preset_name', 'pick_preset', 'seed_everything',
+           'nvidia_driver_present', 'cuda_unavailable_reason', 'CudaFallbackWarning', 'get_device', 'cpu_has_bf16',
+           'cuda_has_bf16', 'usable_cores', 'default_num_workers', 'atomic_path', 'save_json', 'load_json',
+           'save_array', 'save_checkpoint', 'load_checkpoint', 'fingerprint', 'imported_modules', 'module_file',
+           'code_files', 'code_digest', 'project_root', 'resolve_out_dir', 'cache_dir', 'environment_info',
+           'pin_mmap_threshold', 'hold_freed_memory', 'progress', 'format_progress', 'show_doc']
 
 # %% ../nbs/00_core.ipynb #16f4d2db
 PRESET_NAMES = ('test', 'tiny', 'small', 'medium', 'paper')
@@ -60,10 +61,37 @@ def seed_everything(seed:int=0, # the one seed of a run
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
 
 # %% ../nbs/00_core.ipynb #27f1d5a5
-def get_device(device:str|torch.device|None='auto') -> torch.device:
-    "`'auto'` (or None) picks CUDA when available, else the CPU; anything else is passed to `torch.device`."
-    if device is None or device == 'auto': return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    return torch.device(device)
+def nvidia_driver_present() -> bool:
+    "Whether an NVIDIA driver looks installed: `/proc/driver/nvidia/version` exists or `nvidia-smi` is on the PATH."
+    return Path('/proc/driver/nvidia/version').exists() or shutil.which('nvidia-smi') is not None
+
+def cuda_unavailable_reason() -> str|None:
+    "Why torch cannot use CUDA here (None when it can): a torch built without CUDA, `CUDA_VISIBLE_DEVICES`, or no device seen."
+    if torch.cuda.is_available(): return None
+    if torch.version.cuda is None and not torch.version.hip: return f"this torch ({torch.__version__}) was built without CUDA"
+    vis = os.environ.get('CUDA_VISIBLE_DEVICES')
+    if vis is not None: return f"torch {torch.__version__} sees no CUDA device with CUDA_VISIBLE_DEVICES={vis!r}"
+    return (f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no CUDA device "
+            "(no GPU, or a driver too old for this build: compare `nvidia-smi` with the build's CUDA version)")
+
+# %% ../nbs/00_core.ipynb #242cff75
+class CudaFallbackWarning(UserWarning):
+    "`device='auto'` ran on the CPU although CUDA was expected (an NVIDIA driver is present, or several GPUs were asked for)."
+
+def get_device(device:str|torch.device|None='auto', # 'auto' (or None), 'cpu', 'cuda', 'cuda:1', ...
+               gpus:int=1                           # GPUs the run asked for (`--gpus`): > 1 means CUDA is expected
+              ) -> torch.device:
+    "`'auto'` picks CUDA when available, else the CPU (with a `CudaFallbackWarning` saying why when CUDA was expected); a CUDA device without CUDA is an error."
+    if device is None or device == 'auto':
+        if torch.cuda.is_available(): return torch.device('cuda')
+        if gpus > 1 or nvidia_driver_present():
+            why = f'--gpus {gpus} was asked for' if gpus > 1 else 'an NVIDIA driver is installed'
+            warnings.warn(f"device 'auto' runs on the CPU although {why}: {cuda_unavailable_reason()}", CudaFallbackWarning, stacklevel=2)
+        return torch.device('cpu')
+    dev = torch.device(device)
+    if dev.type == 'cuda' and not torch.cuda.is_available():
+        raise RuntimeError(f"device {str(device)!r} asked for, but CUDA is not usable: {cuda_unavailable_reason()}")
+    return dev
 
 # %% ../nbs/00_core.ipynb #1cfc0f11
 @functools.lru_cache(maxsize=1)
@@ -75,6 +103,13 @@ def _cpuinfo_has_bf16() -> bool:   # read once: the policy asks before every fit
 def cpu_has_bf16() -> bool:
     "Whether this CPU advertises native bf16 instructions (Linux `/proc/cpuinfo`); `KT_PAPER_HIDE_BF16=1` hides them."
     return os.environ.get('KT_PAPER_HIDE_BF16', '') in ('', '0') and _cpuinfo_has_bf16()
+
+# %% ../nbs/00_core.ipynb #da9ea29e
+def cuda_has_bf16(device:torch.device|str|int|None=None) -> bool:
+    "Whether CUDA `device` computes in bf16 natively: compute capability 8.0 (Ampere) or later. Older GPUs emulate it, slowly."
+    if not torch.cuda.is_available(): return False
+    if torch.version.hip: return True   # every ROCm GPU torch supports
+    return torch.cuda.get_device_capability(device)[0] >= 8
 
 # %% ../nbs/00_core.ipynb #ead0212e
 def usable_cores() -> int:

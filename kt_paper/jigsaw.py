@@ -295,10 +295,10 @@ class DevicePuzzles(Callback):
     def before_batch(self):
         imgs, idx = self.learn.xb[0], self.learn.yb[0]
         B = len(idx)
-        if B < 2: raise ValueError("DevicePuzzles needs batches of at least 2 images (occluders come from another one)")
         ep = 0 if not self.training else self.epoch + 1
         rng = np.random.default_rng((self.seed, ep, int(idx[0]), B))
-        p = sample_puzzles(rng, self.cfg, self.perms, B)
+        cfg = self.cfg if B > 1 else dataclasses.replace(self.cfg, max_occluders=0)   # one image: no other to take occluders from
+        p = sample_puzzles(rng, cfg, self.perms, B)
         other = (torch.arange(B) + torch.as_tensor(rng.integers(1, max(B, 2), B))) % B
         x = assemble_puzzles_torch(imgs, torch.arange(B), other, p, self.cfg)
         self.learn.xb, self.learn.yb = (x,), (torch.as_tensor(p['label'], device=x.device),)

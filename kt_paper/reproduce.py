@@ -4,22 +4,23 @@
 
 # %% ../nbs/25_reproduce.ipynb #3539e9e7
 from __future__ import annotations
-import argparse, ast, contextlib, dataclasses, json, logging, os, re, shutil, subprocess, sys, threading, time
+import argparse, ast, contextlib, dataclasses, json, logging, os, re, shutil, subprocess, sys, threading, time, warnings
 from dataclasses import dataclass
 from pathlib import Path
 import kt_paper
 from .data import DataError
-from .core import (PRESET_NAMES, atomic_path, code_files, environment_info, fingerprint, format_progress, load_json, pick_preset,
-                           project_root, save_json)
+from .core import (PRESET_NAMES, CudaFallbackWarning, atomic_path, code_files, environment_info, fingerprint, format_progress,
+                           get_device, load_json, pick_preset, project_root, save_json)
 from .settings import (DRIVER_PARAMS, STAGE_PRESETS, SettingsError, check_data_roles, data_roles,
                                describe_settings, parse_params, parse_settings, read_config, stage_presets)
 
 # %% auto #0
-__all__ = ['STAGES', 'DRIVER_MODULES', 'Stage', 'notebooks_dir', 'find_stages', 'notebook_code', 'notebook_module', 'stage_code',
-           'stage_inputs', 'inputs_key', 'stage_key', 'rerun_reason', 'prepare_notebook', 'notebook_parameters',
-           'parameter_defaults', 'environ', 'follow_progress', 'run_stage', 'stage_marker', 'is_done', 'git_commit',
-           'default_out_dirs', 'summary_table', 'data_error', 'image_check_summary', 'write_image_check',
-           'data_digests', 'reproduce', 'ensure_upstream', 'copy_notebooks', 'config_text', 'stages_text', 'main']
+__all__ = ['STAGES', 'DRIVER_MODULES', 'KERNEL_NAME', 'Stage', 'notebooks_dir', 'find_stages', 'notebook_code', 'notebook_module',
+           'stage_code', 'stage_inputs', 'inputs_key', 'stage_key', 'rerun_reason', 'prepare_notebook',
+           'notebook_parameters', 'parameter_defaults', 'write_kernelspec', 'environ', 'follow_progress', 'run_stage',
+           'stage_marker', 'is_done', 'git_commit', 'default_out_dirs', 'summary_table', 'data_error',
+           'image_check_summary', 'write_image_check', 'check_device', 'data_digests', 'reproduce', 'ensure_upstream',
+           'copy_notebooks', 'config_text', 'stages_text', 'main']
 
 # %% ../nbs/25_reproduce.ipynb #8c262754
 STAGES = (('data', '04_samples'), ('jigsaw', '11_pretext'), ('teachers', '12_teachers'), ('clustering', '14_clustering'),
@@ -137,6 +138,16 @@ def parameter_defaults(path:Path) -> dict:
             return out
     return {}
 
+# %% ../nbs/25_reproduce.ipynb #186ce3e5
+KERNEL_NAME = 'kt-paper-python'
+
+def write_kernelspec(root:str|Path) -> Path:
+    "Write kernelspec `KERNEL_NAME` (this interpreter, `sys.executable`, running ipykernel) under Jupyter data folder `root`; return `root`."
+    spec = dict(argv=[sys.executable, '-m', 'ipykernel_launcher', '-f', '{connection_file}'], language='python',
+                display_name=f'kt_paper ({sys.executable})', metadata=dict(debugger=False))
+    with atomic_path(Path(root)/'kernels'/KERNEL_NAME/'kernel.json') as t: t.write_text(json.dumps(spec, indent=1))
+    return Path(root)
+
 # %% ../nbs/25_reproduce.ipynb #235d1ffe
 @contextlib.contextmanager
 def environ(env:dict):
@@ -183,8 +194,9 @@ def run_stage(stage:Stage, # the stage to run
     stop = threading.Event(); watcher = threading.Thread(target=follow_progress, args=(prog, stop, f'    {stage.name}: '), daemon=True)
     watcher.start()
     try:
-        with environ({**(env or {}), 'KT_PAPER_PROGRESS': str(prog), 'KT_PAPER_DRIVER': '1'}):
-            pm.execute_notebook(str(src), str(running), parameters=params, kernel_name='python3', language='python',
+        jp = os.pathsep.join(filter(None, [str(write_kernelspec(out/'.jupyter')), os.environ.get('JUPYTER_PATH')]))   # this Python's kernel
+        with environ({**(env or {}), 'KT_PAPER_PROGRESS': str(prog), 'KT_PAPER_DRIVER': '1', 'JUPYTER_PATH': jp}):
+            pm.execute_notebook(str(src), str(running), parameters=params, kernel_name=KERNEL_NAME, language='python',
                                 progress_bar=False, log_output=log_output, cwd=str(stage.notebook.parent))
     except Exception:
         if running.exists(): os.replace(running, out/'notebooks'/f'{stage.notebook.stem}.failed.ipynb')
@@ -255,6 +267,17 @@ def write_image_check(out:Path, fig:Path) -> Path|None:
     with atomic_path(Path(fig)/'image_check.md') as t: t.write_text(image_check_markdown(load_json(f)))
     return Path(fig)/'image_check.md'
 
+# %% ../nbs/25_reproduce.ipynb #153ddc17
+def check_device(device:str='auto', # the run's `--device`
+                 gpus:int=1         # the run's `--gpus`
+                ) -> list[str]:
+    "The warnings of `get_device(device, gpus)` (a fall-back to the CPU where CUDA was expected); a device that cannot be used is a `SettingsError`."
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter('always', CudaFallbackWarning)
+        try: get_device(device, gpus)
+        except RuntimeError as e: raise SettingsError(f"--device {device}: {e}") from None
+    return [str(x.message) for x in w if issubclass(x.category, CudaFallbackWarning)]
+
 # %% ../nbs/25_reproduce.ipynb #61d33a8a
 def data_digests(preset:str, data_root:str|None, seed:int, overrides:dict, env:dict) -> dict:
     "role -> `folder_digest` of each data role's folder the run would read (those that exist)."
@@ -300,6 +323,8 @@ def reproduce(preset:str='tiny',          # one of test, tiny, small, paper
         if o and s in overrides and 'OVERRIDES' not in (notebook_parameters(st.notebook) or ()):
             raise SettingsError(f"--set {s}.*: {st.notebook.name} takes no OVERRIDES parameter, so it cannot change its preset")
     if data: check_data_roles(data)
+    device_warnings = check_device(device, gpus)
+    for w in device_warnings: print(f'WARNING: {w}', flush=True)
     out, fig = default_out_dirs(preset, out, fig_dir)
     out.mkdir(parents=True, exist_ok=True); fig.mkdir(parents=True, exist_ok=True)
     base = dict(PRESET=preset, DATA_ROOT=str(Path(data_root).resolve()) if data_root else None, OUT_DIR=str(out),
@@ -311,7 +336,7 @@ def reproduce(preset:str='tiny',          # one of test, tiny, small, paper
     manifest = dict(preset=preset, parameters=base, overrides=overrides, notebook_parameters=params, data_roles=data,
                     settings=settings, kt_paper=kt_paper.__version__,
                     git_commit=git_commit(project_root(Path(kt_paper.__file__).parent)),
-                    environment=environment_info(), started=time.strftime('%Y-%m-%dT%H:%M:%S%z'), stages={})
+                    environment=environment_info(), device_warnings=device_warnings, started=time.strftime('%Y-%m-%dT%H:%M:%S%z'), stages={})
     manifest['image_check'] = image_check_summary(out)   # the last data check in this folder (None: none yet)
     upstream, t_all = {}, time.time()
     for i, st in enumerate(stages, 1):
@@ -504,6 +529,9 @@ def main(argv:list[str]|None=None):
     if a.rehearse:
         from kt_paper.rehearsal import run_rehearsal
         if overrides or stage_params or data: p.error('--rehearse runs the preset as it is: no --set, --config, -p or --data')
+        try: device_warnings = check_device(a.device, a.gpus)
+        except SettingsError as e: p.error(str(e))
+        for w in device_warnings: print(f'WARNING: {w}', flush=True)
         run_rehearsal(a.preset, a.data_root, a.fig_dir, a.rehearse_steps, device=a.device, seed=a.seed)
         return
     if a.log_output: _log_to_stdout(logging.getLogger('papermill'))   # papermill logs each cell's output there

@@ -17,15 +17,15 @@ from fastai.callback.schedule import combined_cos
 from fastai.callback.progress import CSVLogger
 from fastcore.foundation import L
 from fastcore.basics import patch
-from .core import (cpu_has_bf16, hold_freed_memory, seed_everything, save_checkpoint, load_checkpoint, save_json, load_json,
+from .core import (cpu_has_bf16, cuda_has_bf16, hold_freed_memory, seed_everything, save_checkpoint, load_checkpoint, save_json, load_json,
                            atomic_path, in_test, progress)
 from .distributed import world_info
 
 # %% auto #0
-__all__ = ['PRECISIONS', 'Precision', 'precision_policy', 'PrecisionCallback', 'to_channels_last_', 'autocast_for', 'step_lr',
-           'one_cycle', 'one_cycle_mom', 'ForeachOptimizer', 'sgd', 'adam', 'EpochSeed', 'digest', 'image_ids',
-           'model_digest', 'Checkpoint', 'History', 'checkpoint_state', 'resume_checkpoint', 'ProgressEvents',
-           'dispatch_to_listeners', 'fit', 'process_batch_size']
+__all__ = ['PRECISIONS', 'Precision', 'precision_policy', 'PrecisionCallback', 'cudnn_benchmark', 'CudnnBenchmark',
+           'to_channels_last_', 'autocast_for', 'step_lr', 'one_cycle', 'one_cycle_mom', 'ForeachOptimizer', 'sgd',
+           'adam', 'EpochSeed', 'digest', 'image_ids', 'model_digest', 'Checkpoint', 'History', 'checkpoint_state',
+           'resume_checkpoint', 'ProgressEvents', 'dispatch_to_listeners', 'fit', 'process_batch_size']
 
 # %% ../nbs/06_train.ipynb #a7829cdb
 PRECISIONS = ('auto', 'fp32', 'bf16', 'fp16')
@@ -49,7 +49,7 @@ def precision_policy(device:torch.device|str='cpu', # where the network runs
     if precision not in PRECISIONS: raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
     dev = torch.device(device)
     if precision == 'auto':
-        if dev.type == 'cuda': precision = 'bf16' if torch.cuda.is_bf16_supported() else 'fp16'
+        if dev.type == 'cuda': precision = 'bf16' if cuda_has_bf16(dev) else 'fp16'   # native bf16 only: emulated is slower than fp16
         else: precision = 'bf16' if dev.type == 'cpu' and cpu_has_bf16() else 'fp32'
     if channels_last is None:
         env = os.environ.get('KT_PAPER_CHANNELS_LAST', '')
@@ -73,6 +73,33 @@ class PrecisionCallback(MixedPrecision):
             self.learn.xb = tuple(x.contiguous(memory_format=torch.channels_last) if isinstance(x, torch.Tensor) and x.ndim == 4 else x
                                   for x in self.xb)
         super().before_batch()
+
+# %% ../nbs/06_train.ipynb #30a8c5f1
+def cudnn_benchmark(device:torch.device|str, # where the network runs
+                    fixed_size:bool          # every input has the same size (crops)
+                   ) -> bool:
+    "Whether cuDNN should time its kernels (`torch.backends.cudnn.benchmark`): on CUDA, for inputs of one size, unless `cudnn.deterministic`."
+    return torch.device(device).type == 'cuda' and bool(fixed_size) and not torch.backends.cudnn.deterministic
+
+# %% ../nbs/06_train.ipynb #f4763d85
+class CudnnBenchmark(Callback):
+    "`torch.backends.cudnn.benchmark` on while `cudnn_benchmark` says so for the training inputs (watched when `fixed_size` is None); restored after the fit."
+    order = -4   # after `DeviceDecode`/`DevicePuzzles`: the network's inputs
+    def __init__(self, fixed_size:bool|None=None, # inputs of one size? None: watch the training batches
+                 device=None):                    # where the network runs (default: its parameters' device)
+        self.fixed_size, self.device = fixed_size, device
+    def before_fit(self):
+        self.old, self.size = torch.backends.cudnn.benchmark, None
+        self.on = cudnn_benchmark(self.device or next(self.learn.model.parameters()).device, self.fixed_size is not False)
+        if self.on and self.fixed_size: torch.backends.cudnn.benchmark = True
+    def before_batch(self):
+        if not self.on or self.fixed_size is not None or not self.training: return
+        x = self.xb[0] if len(self.xb) else None
+        size = tuple(x.shape[1:]) if isinstance(x, torch.Tensor) else None   # lists (detection): no one size
+        if self.size is None: self.size = size
+        self.on = size is not None and size == self.size
+        torch.backends.cudnn.benchmark = self.on or self.old
+    def after_fit(self): torch.backends.cudnn.benchmark = self.old
 
 # %% ../nbs/06_train.ipynb #5c4f6dea
 def to_channels_last_(model:torch.nn.Module) -> torch.nn.Module:
@@ -311,13 +338,14 @@ def fit(learn:Learner,                 # the model, data, loss and optimiser
         quiet:bool|None=None,          # no progress bar / table (default: under test, and when not `main`)
         precision:str|None=None,       # see `precision_policy`
         cbs=None,                      # extra callbacks for this fit
+        fixed_size:bool|None=None,     # inputs of one size (crops): cuDNN autotuning on CUDA (`CudnnBenchmark`); None: watch the batches
         name:str|None=None,            # the job in progress reports (default: `folder`'s name, else the model's class)
         **kwargs                       # passed to `Learner.fit` (lr, wd)
        ) -> int:
     "Train `learn` for `n_epoch` epochs with the precision policy, checkpoints, resume, history and progress reports; return the start epoch."
     hold_freed_memory()   # the same buffers every step: reuse them, no page faults (`core.hold_freed_memory`)
     dispatch_to_listeners(learn)   # no no-op callback calls inside the loop
-    cbs, start = [PrecisionCallback(precision)] + list(cbs or []), 0
+    cbs, start = [PrecisionCallback(precision), CudnnBenchmark(fixed_size)] + list(cbs or []), 0
     if main: cbs.append(ProgressEvents(name or (Path(folder).name if folder is not None else type(getattr(learn.model, 'module', learn.model)).__name__)))
     if folder is not None:
         folder = Path(folder); folder.mkdir(parents=True, exist_ok=True)

@@ -51,3 +51,20 @@ def test_smoke(name):
     last = out[-len(want):]
     assert len(last) == len(want) and all(re.match(p, l) for p, l in zip(want, last)), \
         f"bench/{name} --smoke: last lines\n" + '\n'.join(last) + "\ndo not match\n" + '\n'.join(want) + f"\n{tail}"
+
+def test_train_bench_trains_kt_paper_on_the_device(monkeypatch):
+    "Every kt_paper-side trainer of bench/train.py gets its network on `--device`, as the bare loops (the meta device stands in for a GPU)."
+    import importlib.util, torch, kt_paper.train, kt_paper.finetune
+    monkeypatch.syspath_prepend(str(ROOT/'bench'))   # its `_common`
+    spec = importlib.util.spec_from_file_location('bench_train', ROOT/'bench'/'train.py')
+    bt = importlib.util.module_from_spec(spec); spec.loader.exec_module(bt)
+    monkeypatch.setattr(bt, 'DEVICE', torch.device('meta'))
+    class Stop(Exception): pass
+    seen = {}
+    def fake_fit(learn, *a, **k): seen[case] = next(learn.model.parameters()).device.type; raise Stop
+    def fake_steps(model, draws, cfg, loss, device, *a, **k): seen[case] = torch.device(device).type; raise Stop
+    monkeypatch.setattr(kt_paper.train, 'fit', fake_fit); monkeypatch.setattr(kt_paper.finetune, 'train_steps', fake_steps)
+    for case, make in bt.CASES.items():
+        kt = make('test', 1, 1)[1]
+        with pytest.raises(Stop): kt()
+    assert seen == {c: 'meta' for c in bt.CASES}

@@ -298,3 +298,20 @@ def test_pretext_variant_goes_to_its_own_folder(tmp_path, monkeypatch):
     assert (tmp_path/'jigsaw_plain'/'jigsaw_cfn.pth').exists() and not (tmp_path/'jigsaw').exists()
     assert load_jigsaw_net(tmp_path/'jigsaw_plain'/'jigsaw_cfn.pth') is not None
     assert pretext_variants('auto', 'small') == ('jigsaw_plain',)
+
+def test_device_puzzles_batch_of_one(tmp_path):
+    "`DevicePuzzles` on batches of a single image (an epoch's last batch, `bs=1` validation): puzzles without occluders, no error."
+    from fastai.data.core import DataLoaders
+    from fastai.callback.core import Callback
+    perms = make_permutations(TEST.n_perms, TEST.min_dist)
+    ds = CropDataset(photos(5), TEST, perms)
+    dls = DataLoaders(torch.utils.data.DataLoader(ds, 4, shuffle=True), torch.utils.data.DataLoader(ds, 1))   # 4 + 1; 5 x 1
+    learn = jigsaw_learner(dls, cfn_from_config(TEST), TEST, path=tmp_path, device='cpu')
+    seen = []
+    class Record(Callback):
+        def after_pred(self): seen.append((self.training, tuple(self.learn.xb[0].shape), self.learn.yb[0].max().item()))
+    learn.add_cbs([DevicePuzzles(TEST, perms), Record()])
+    with learn.no_bar(), learn.no_logging(): learn.fit(1, 1e-3)
+    assert sorted(s[:2] for s in seen) == [(False, (1, 9, 3, TEST.tile, TEST.tile))]*5 + [(True, (1, 9, 3, TEST.tile, TEST.tile)),
+                                                                                           (True, (4, 9, 3, TEST.tile, TEST.tile))]
+    assert all(y < len(perms) for *_, y in seen)

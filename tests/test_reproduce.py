@@ -89,3 +89,28 @@ def test_papermill_reads_every_stage_parameter():
         seen = {p.name for p in PythonTranslator.inspect(cell)}
         assert seen == notebook_parameters(st.notebook), f"{st.notebook.name}: papermill reads {sorted(seen)}"
         assert {'PRESET', 'DATA_ROOT', 'OUT_DIR', 'SEED', 'DEVICE'} <= seen, st.notebook.name
+
+def test_stage_kernel_is_this_interpreter(tmp_path, monkeypatch):
+    "The stage notebooks run on the Python that runs the driver, even where Jupyter's `python3` kernelspec is another one."
+    decoy = tmp_path/'jupyter'/'kernels'/'python3'; decoy.mkdir(parents=True)   # as on GPU images: `python3` = another interpreter
+    (decoy/'kernel.json').write_text(json.dumps(dict(argv=[str(tmp_path/'other'/'python'), '-m', 'ipykernel_launcher', '-f',
+                                                          '{connection_file}'], display_name='other', language='python')))
+    monkeypatch.setenv('JUPYTER_PATH', str(tmp_path/'jupyter'))
+    nbs = tmp_path/'nbs'; nbs.mkdir()
+    _toy_nb(nbs/'04_samples.ipynb', "import sys\nfrom pathlib import Path\nPath(OUT_DIR, 'python.txt').write_text(sys.executable)")
+    reproduce('tiny', out=tmp_path/'run', fig_dir=tmp_path/'fig', nbs_path=nbs, report=False)
+    assert (tmp_path/'run'/'python.txt').read_text() == sys.executable
+    assert os.environ['JUPYTER_PATH'] == str(tmp_path/'jupyter')   # restored after the stage
+
+def test_device_checked_before_the_stages(tmp_path, monkeypatch, capsys):
+    "`--device auto` falling back to the CPU where a driver is installed says so (console, manifest); `--device cuda` without CUDA stops the run."
+    import torch, kt_paper.core
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    monkeypatch.setattr(kt_paper.core, 'nvidia_driver_present', lambda: True)
+    nbs = tmp_path/'nbs'; nbs.mkdir(); _toy_nb(nbs/'04_samples.ipynb', 'x = 1')
+    m = reproduce('tiny', out=tmp_path/'run', nbs_path=nbs, report=False)
+    assert "WARNING: device 'auto' runs on the CPU although an NVIDIA driver is installed" in capsys.readouterr().out
+    assert len(m['device_warnings']) == 1
+    with pytest.raises(SystemExit) as e: main(['reproduce', '--device', 'cuda', '--out', str(tmp_path/'run2'), '--nbs-path', str(nbs)])
+    assert e.value.code == 2 and 'CUDA is not usable' in capsys.readouterr().err
+    assert not (tmp_path/'run2'/'manifest.json').exists()
