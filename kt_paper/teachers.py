@@ -239,8 +239,7 @@ def train_supervised_teacher(paths:Sequence,        # training images
     vdl = (torch.utils.data.DataLoader(_LabelledImages(valid_paths, valid_labels, prep, loader or load_rgb), bs, shuffle=False, num_workers=nw)
            if valid_paths is not None else torch.utils.data.DataLoader([]))
     model = _Classifier(trunk, int(max([*labels, *([] if valid_labels is None else valid_labels)])) + 1).to(dev)
-    dls = DataLoaders(dl, vdl)
-    dls._device = dev   # torch loaders have no `.to` (fastai's `device` setter): without it fastai puts model and batches on its default device
+    dls = DataLoaders(dl, vdl)   # `fit` keeps the model on `dev` (`train.keep_model_device`)
     learn = Learner(dls, model, loss_func=nn.CrossEntropyLoss(), opt_func=adam, metrics=accuracy if valid_paths is not None else None)
     learn.recorder.valid_metrics = valid_paths is not None
     fit(learn, epochs, cbs=[ParamScheduler({'lr': one_cycle(lr, div_final=1e5), 'mom': one_cycle_mom()})] + list(cbs or []))   # fastai's fit_one_cycle

@@ -25,7 +25,8 @@ from .distributed import world_info
 __all__ = ['PRECISIONS', 'Precision', 'precision_policy', 'PrecisionCallback', 'cudnn_benchmark', 'CudnnBenchmark',
            'to_channels_last_', 'autocast_for', 'step_lr', 'one_cycle', 'one_cycle_mom', 'ForeachOptimizer', 'sgd',
            'adam', 'EpochSeed', 'digest', 'image_ids', 'model_digest', 'Checkpoint', 'History', 'checkpoint_state',
-           'resume_checkpoint', 'ProgressEvents', 'dispatch_to_listeners', 'fit', 'process_batch_size']
+           'resume_checkpoint', 'ProgressEvents', 'dispatch_to_listeners', 'keep_model_device', 'fit',
+           'process_batch_size']
 
 # %% ../nbs/06_train.ipynb #a7829cdb
 PRECISIONS = ('auto', 'fp32', 'bf16', 'fp16')
@@ -328,6 +329,13 @@ def _start_epoch(learn:Learner, folder:Path, fingerprint:str|None, resume:bool, 
         return 0
     return resume_checkpoint(learn, folder, fingerprint, verbose)
 
+# %% ../nbs/06_train.ipynb #9662ad59
+def keep_model_device(learn:Learner) -> Learner:
+    "Give `learn.dls` its model's device when its loaders gave fastai none, so that fastai's fit leaves the model where it is."
+    if getattr(learn.dls, '_device', None) is None and (p := next(learn.model.parameters(), None)) is not None:
+        learn.dls._device = p.device
+    return learn
+
 # %% ../nbs/06_train.ipynb #dcc1ed08
 def fit(learn:Learner,                 # the model, data, loss and optimiser
         n_epoch:int,                   # total epochs of the run
@@ -343,6 +351,7 @@ def fit(learn:Learner,                 # the model, data, loss and optimiser
         **kwargs                       # passed to `Learner.fit` (lr, wd)
        ) -> int:
     "Train `learn` for `n_epoch` epochs with the precision policy, checkpoints, resume, history and progress reports; return the start epoch."
+    keep_model_device(learn)   # plain torch loaders: fastai would move the model to its default device
     hold_freed_memory()   # the same buffers every step: reuse them, no page faults (`core.hold_freed_memory`)
     dispatch_to_listeners(learn)   # no no-op callback calls inside the loop
     cbs, start = [PrecisionCallback(precision), CudnnBenchmark(fixed_size)] + list(cbs or []), 0
