@@ -12,10 +12,10 @@ import torch
 # %% auto #0
 __all__ = ['PRESET_NAMES', 'PRESENTATION_MODULES', 'in_test', 'preset_name', 'pick_preset', 'seed_everything',
            'nvidia_driver_present', 'cuda_unavailable_reason', 'CudaFallbackWarning', 'get_device', 'cpu_has_bf16',
-           'cuda_has_bf16', 'usable_cores', 'default_num_workers', 'atomic_path', 'save_json', 'load_json',
-           'save_array', 'save_checkpoint', 'load_checkpoint', 'fingerprint', 'imported_modules', 'module_file',
-           'code_files', 'code_digest', 'project_root', 'resolve_out_dir', 'cache_dir', 'environment_info',
-           'pin_mmap_threshold', 'hold_freed_memory', 'progress', 'format_progress', 'show_doc']
+           'cuda_has_bf16', 'usable_cores', 'workers_per_process', 'default_num_workers', 'atomic_path', 'save_json',
+           'load_json', 'save_array', 'save_checkpoint', 'load_checkpoint', 'fingerprint', 'imported_modules',
+           'module_file', 'code_files', 'code_digest', 'project_root', 'resolve_out_dir', 'cache_dir',
+           'environment_info', 'pin_mmap_threshold', 'hold_freed_memory', 'progress', 'format_progress', 'show_doc']
 
 # %% ../nbs/00_core.ipynb #16f4d2db
 PRESET_NAMES = ('test', 'tiny', 'small', 'medium', 'paper')
@@ -116,11 +116,19 @@ def usable_cores() -> int:
     "CPU cores this process may run on (its affinity mask where the OS has one, e.g. under `taskset` or a container's cpuset)."
     return len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
 
-def default_num_workers(max_workers:int=4) -> int:
-    "DataLoader workers: 0 under test, else one per core up to `max_workers`, leaving the main process a core."
+def workers_per_process(cores:int,               # cores the machine gives the run
+                        procs:int=1,              # training processes sharing them (torchrun's local world size)
+                        max_workers:int|None=None # a cap (None: none)
+                       ) -> int:
+    "DataLoader workers of one process: its share of the cores less one for the process itself; on two cores or fewer, two."
+    n = cores // max(1, procs)
+    w = max(0, n - 1) if n > 2 else min(max(n, 1), 2)
+    return w if max_workers is None else min(w, max_workers)
+
+def default_num_workers(max_workers:int|None=None) -> int:
+    "DataLoader workers of this process: `workers_per_process` of `usable_cores()` and torchrun's `LOCAL_WORLD_SIZE`; 0 under test."
     if in_test(): return 0
-    n = usable_cores()
-    return max(0, min(max_workers, n - 1)) if n > 2 else min(n, 2)
+    return workers_per_process(usable_cores(), int(os.environ.get('LOCAL_WORLD_SIZE', 1)), max_workers)
 
 # %% ../nbs/00_core.ipynb #ba21d02e
 def _umask() -> int:
