@@ -20,12 +20,12 @@ from .student import evaluate_top1, image_dataset, make_student_dls, decode_imag
 from .train import sgd, step_lr, EpochSeed, fit
 
 # %% auto #0
-__all__ = ['PROBE_GRIDS_227', 'FMAP_SIDES_227', 'PROBE_PRESETS', 'NL_LAYERS', 'PROBE_ROLES', 'NONLINEAR_SETS', 'PAPER_ROW_NAMES',
-           'SPREAD_ROWS', 'probe_grids', 'probe_dims', 'ProbeConfig', 'freeze_', 'ResizeTo', 'grid_pool',
-           'LinearProbes', 'multi_head_loss', 'linear_probe_learner', 'partial_sgd', 'evaluate_heads', 'PartlyFrozen',
-           'nonlinear_probe_model', 'probe_dls', 'run_linear_probes', 'nonlinear_probe_learner', 'run_nonlinear_probe',
-           'parse_probe_sets', 'probe_set_roots', 'probe_split', 'probe_table', 'cached_probe', 'probe_models',
-           'probe_set', 'run_probes', 'demo_students', 'run_seed_spread']
+__all__ = ['PROBE_GRIDS_227', 'FMAP_SIDES_227', 'TABLE_E_MODELS', 'PROBE_PRESETS', 'NL_LAYERS', 'PROBE_ROLES', 'NONLINEAR_SETS',
+           'PAPER_ROW_NAMES', 'SPREAD_ROWS', 'probe_grids', 'probe_dims', 'ProbeConfig', 'freeze_', 'ResizeTo',
+           'grid_pool', 'LinearProbes', 'multi_head_loss', 'linear_probe_learner', 'partial_sgd', 'evaluate_heads',
+           'PartlyFrozen', 'nonlinear_probe_model', 'probe_dls', 'run_linear_probes', 'nonlinear_probe_learner',
+           'run_nonlinear_probe', 'parse_probe_sets', 'probe_set_roots', 'probe_split', 'probe_table', 'cached_probe',
+           'probe_models', 'nonlinear_cuts', 'probe_set', 'run_probes', 'demo_students', 'run_seed_spread']
 
 # %% ../nbs/16_probes.ipynb #7985f1da
 PROBE_GRIDS_227 = dict(conv1=10, conv2=6, conv3=5, conv4=5, conv5=6)  # Zhang et al.'s grids at 227 px
@@ -63,10 +63,14 @@ class ProbeConfig:
     cache_images:bool=False         # decode all images once into memory
     pool:str='resize'               # map -> grid: 'resize' (bilinear, Zhang et al.'s Resize layer) or 'avg' (adaptive average)
     ablation_students:bool=True     # also probe the k and domain ablation students (the paper reports them on VOC07 classification only)
+    nl_models:tuple|None=None       # the models (student folder names) given non-linear probes; None: every probed model
     noise_rows:tuple=()             # student rows trained and probed again with seed + 1 to measure the run's noise (`run_seed_spread`)
 
+TABLE_E_MODELS = ('random', 'jigsaw_plain', 'jigsaw_direct', 'cc_jigsaw', 'cc_vgg_jigsaw')   # its rows we train: 5 cuts each, 7 for the CC ones
+
 PROBE_PRESETS = {
-    'paper': ProbeConfig(bs=64, nl_bs=256, nl_epochs=70, nl_milestones=(20, 40, 60)),   # Zhang et al.'s batch; the ECCV 2016 recognition solver
+    'paper': ProbeConfig(bs=64, nl_bs=256, nl_epochs=70, nl_milestones=(20, 40, 60),   # Zhang et al.'s batch; the ECCV 2016 recognition solver
+                         ablation_students=False, nl_models=TABLE_E_MODELS),   # the paper's job list: Table E's 29 non-linear runs
     'small': ProbeConfig(resize=128, crop=112, bs=64, lin_epochs=4, lin_milestones=(3,), nl_epochs=3,
                          nl_milestones=(2,), cache_images=True, pool='avg'),   # sized for the shared samples on a CPU
     'medium': ProbeConfig(resize=72, crop=64, bs=256, lin_epochs=3, lin_milestones=(2,), nl_epochs=1, nl_milestones=(),
@@ -306,6 +310,12 @@ def probe_models(student_dir:str|Path, # `<out>/student`
     return ({n: f for n, f in found.items() if sizes[n] == crop},
             {n: f'input size {sizes[n]} != probe crop {crop}' for n in found if sizes[n] != crop})
 
+# %% ../nbs/16_probes.ipynb #9cb39012
+def nonlinear_cuts(cfg:ProbeConfig, name:str) -> list[str]:
+    "The layers model `name` (a student folder) is cut at for non-linear probes under `cfg`."
+    if cfg.nl_models is not None and name not in cfg.nl_models: return []
+    return [l for l in cfg.nl_layers if l.startswith('conv') or name.startswith('cc_')]
+
 # %% ../nbs/16_probes.ipynb #2a8e002f
 def probe_set(out:Path, pset:str, root:Path, models:dict, cfg:ProbeConfig, seed:int, device, precision:str|None=None,
               preset:str='', log=print,
@@ -320,7 +330,7 @@ def probe_set(out:Path, pset:str, root:Path, models:dict, cfg:ProbeConfig, seed:
     nl_dls = dls if (cfg.nl_bs or cfg.bs) == cfg.bs else probe_dls(train, val, dataclasses.replace(cfg, bs=cfg.nl_bs))
     ids = digest(image_ids(read_image_set(root, 'train').paths + read_image_set(root, 'val').paths))
     prec = precision_policy(device, precision).name
-    key_cfg, code = dataclasses.replace(cfg, noise_rows=()), code_digest('kt_paper.probes')   # which rows measure the noise changes no probe
+    key_cfg, code = dataclasses.replace(cfg, noise_rows=(), nl_models=None), code_digest('kt_paper.probes')   # which rows measure the noise, or get non-linear probes, changes no probe
     log(f"{pset}: {root}: {len(train[1])} train / {len(val[1])} val, {len(classes)} classes")
     kinds = ('linear', 'nonlinear') if pset in NONLINEAR_SETS else ('linear',)
     res, secs = {}, dict(load=round(time.time() - t0, 1))
@@ -328,7 +338,8 @@ def probe_set(out:Path, pset:str, root:Path, models:dict, cfg:ProbeConfig, seed:
         t1, table, timing = time.time(), {}, {}
         for name, f in models.items():
             key = fingerprint(kind, ids, key_cfg, seed, prec, digest(Path(f)), code)
-            cuts = [l for l in cfg.nl_layers if l.startswith('conv') or name.startswith('cc_')]  # fc6/7 only where trained on another task
+            if kind == 'nonlinear' and cfg.nl_models is not None and name not in cfg.nl_models: continue   # not in the job list
+            cuts = nonlinear_cuts(cfg, name)
             def fn(f=f, cuts=cuts):   # the checkpoint is loaded only when its result is not cached
                 net = load_alexnet(f)
                 if kind == 'linear': return run_linear_probes(net, dls, len(classes), cfg, seed, device=device, precision=precision)

@@ -98,13 +98,19 @@ def full_run_jobs(preset:str) -> dict:
     "How many jobs of each kind a full run of `preset` makes (see the text above)."
     from kt_paper.clustering import ABLATION_KS, CLUSTER_PRESETS
     from kt_paper.pretext import pretext_variants
+    from kt_paper.probes import PROBE_PRESETS, nonlinear_cuts
     ks = [k for k in ABLATION_KS.get(preset, ()) if k != CLUSTER_PRESETS[preset].k]
     pretexts = 1 + len(pretext_variants('auto', preset))
     cc = 4
-    students = cc + len(ks) + 1
+    ablations = len(ks) + 1                 # the k ablation's students and the domain ablation's
+    students = cc + ablations
     models = students + pretexts + 2        # + the random and supervised rows
-    return dict(pretexts=pretexts, teachers=cc, clusterings=cc + len(ks), students=students, probe_models=models,
-                probe_sets=2, voc_models=models)
+    pcfg = PROBE_PRESETS[preset]            # the probes' own job list: which models, which non-linear cuts
+    probed = models - (0 if pcfg.ablation_students else ablations)
+    nl = (sum(len(nonlinear_cuts(pcfg, n)) for n in pcfg.nl_models) if pcfg.nl_models is not None
+          else len(pcfg.nl_layers) * probed)
+    return dict(pretexts=pretexts, teachers=cc, clusterings=cc + len(ks), students=students, probe_models=probed,
+                nonlinear_probes=nl, probe_sets=2, voc_models=models)
 
 # %% ../nbs/24_rehearsal.ipynb #23627291
 def rehearsal_roots(preset:str, data_root:str|Path|None=None, seed:int=0) -> tuple[dict, dict]:
@@ -249,8 +255,8 @@ def rehearse_probes(paths:list, preset:str, steps:int, device) -> list:
     nl = nonlinear_probe_model(net, 'conv5', 1000).to(get_device(device))
     with PeakRSS() as m: fit(nonlinear_probe_learner(nl, nl_dls, cfg), 1, quiet=True, cbs=[t])
     rows.append(_row('evaluation', 'non-linear probe from conv5 (ImageNet), images', _timed(t), nl_bs, m, 0, cfg.nl_epochs * math.ceil(n_full / nl_bs),
-                     len(cfg.nl_layers) * jobs['probe_models'], 0.,
-                     f'{cfg.nl_epochs} epochs per layer, {len(cfg.nl_layers)} layers for each of {jobs["probe_models"]} models'))
+                     jobs['nonlinear_probes'], 0.,
+                     f'{cfg.nl_epochs} epochs per cut, {jobs["nonlinear_probes"]} cuts over the probed models (`ProbeConfig.nl_models`, `nonlinear_cuts`)'))
     return rows
 
 # %% ../nbs/24_rehearsal.ipynb #6927b2e8

@@ -263,3 +263,11 @@ def test_paper_nonlinear_probes_follow_the_eccv_recognition_solver():
     "350K iterations of 256 images, lr x0.1 every 100K (solver_cfn_rec.prototxt) = 70 epochs of ImageNet, drops at 20/40/60."
     c = PROBE_PRESETS['paper']
     assert (c.nl_bs, c.nl_lr, c.nl_epochs, c.nl_milestones, c.bs) == (256, 0.01, 70, (20, 40, 60), 64)
+
+def test_nonlinear_probes_follow_the_job_list(tmp_path):
+    "`nl_models` (Table E's rows at `paper`): only the listed models get non-linear probes; every model keeps its linear ones."
+    from kt_paper.probes import run_probes, demo_students
+    sd = demo_students(tmp_path, 'test', seed=0, probe_sets='objects')
+    r = run_probes(tmp_path, 'test', seed=0, device='cpu', probe_sets='objects', student_dir=sd, quiet=True, nl_models=('random',))
+    assert set(r['linear']['objects']) == {'random', 'supervised'} and set(r['nonlinear']['objects']) == {'random'}
+    assert PROBE_PRESETS['paper'].nl_models and not PROBE_PRESETS['paper'].ablation_students
