@@ -5,7 +5,7 @@ benchmark fails the suite. The numbers of a smoke run mean nothing and are not c
 A new script is picked up by the glob: it fails here until it accepts `--smoke` (argparse exits 2 on an unknown
 option) and its closing lines are listed in `CLOSING`. Files starting with `_` are helpers, not benchmarks.
 """
-import os, re, subprocess, sys
+import json, os, re, subprocess, sys
 from pathlib import Path
 import pytest
 
@@ -68,3 +68,56 @@ def test_train_bench_trains_kt_paper_on_the_device(monkeypatch):
         kt = make('test', 1, 1)[1]
         with pytest.raises(Stop): kt()
     assert seen == {c: 'meta' for c in bt.CASES}
+
+# bench/gpu_check.sh, the prepared device check for one CUDA GPU (a shell script: not in the glob above). These machines
+# have no GPU: the tests check that it stands down without CUDA, and walk its plumbing with `--dry-run` on the CPU.
+GPU_CHECK = ROOT/'bench'/'gpu_check.sh'
+STEPS = ('env', 'data', 'decode', 'train', 'rehearsal')
+
+def gpu_check(out, *args, **env):
+    "Run bench/gpu_check.sh from another folder (it must find the repository itself) with this interpreter, `$OUT` = `out`."
+    e = {k: v for k, v in os.environ.items() if not k.startswith('GPU_CHECK_')}
+    e.update(GPU_CHECK_PYTHON=sys.executable, OUT=str(out), PYTHONWARNINGS='ignore', **env)
+    return subprocess.run(['bash', str(GPU_CHECK), *args], capture_output=True, text=True, cwd=out, env=e, timeout=300)
+
+def test_gpu_check_syntax():
+    r = subprocess.run(['bash', '-n', str(GPU_CHECK)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+def test_gpu_check_stands_down_without_cuda(tmp_path):
+    import torch
+    if torch.cuda.is_available(): pytest.skip('a CUDA machine: the check would run for minutes')
+    r = gpu_check(tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert re.fullmatch(r'gpu_check: no CUDA device here .*\n', r.stdout), r.stdout + r.stderr
+    assert not (tmp_path/'gpu_check.json').exists() and not list(tmp_path.iterdir())   # it stopped at once
+
+def _figures(r, out):
+    "The JSON the script wrote, after checking that each of its figures was also printed as a `name: value` line."
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    d = json.loads((out/'gpu_check.json').read_text())
+    printed = dict(l.split(': ', 1) for l in r.stdout.splitlines() if re.match(r'[a-z_0-9]+: ', l))
+    assert set(d) == set(printed), set(d) ^ set(printed)
+    for k, v in d.items(): assert (printed[k] == v if isinstance(v, str) else float(printed[k]) == v), (k, v, printed[k])
+    assert re.fullmatch(r'gpu_check_seconds: \d+', r.stdout.splitlines()[-1]), r.stdout[-500:]
+    return d
+
+def test_gpu_check_dry_run(tmp_path):
+    "`--dry-run` on the CPU: every step at smoke size, exit 0, the figures printed and in gpu_check.json, each step's log."
+    r = gpu_check(tmp_path, '--dry-run')
+    d = _figures(r, tmp_path)
+    assert {d[f'step_{s}_rc'] for s in STEPS} == {0}, {s: d.get(f'step_{s}_rc') for s in STEPS}
+    assert d['python'] == sys.executable and d['cuda_available'] == 'False' and d['torch_version']
+    assert d['kernel_name'] == 'kt-paper-python' and d['kernel_interpreter']
+    assert {d[f'layout_{r}'] for r in ('imagenet', 'places', 'voc07', 'voc12')} == {'preset'}   # the paper layout, genuine
+    assert d['photo_size'] == '500x375' and d['decode_2x_size'] == '1000x750'
+    for k in ('decode_1x_full_per_s', 'decode_2x_tv_cpu_per_s', 'draft_speedup_2x', 'train_ratio_min', 'train_pretext_kt_img_s',
+              'rehearsal_total_hours', 'rehearsal_peak_rss_gb', 'rehearsal_student_cc_alexnet_items_per_s', 'gpu_check_seconds'):
+        assert isinstance(d[k], (int, float)), (k, d.get(k))
+    assert d['rehearsal'] == 'done' and (tmp_path/'rehearsal'/'rehearsal.md').exists()
+    assert all((tmp_path/'gpu_check_logs'/f'{s}.log').stat().st_size > 0 for s in STEPS)
+
+def test_gpu_check_budget(tmp_path):
+    "A spent budget: every step is recorded as skipped, the run goes on to its end, writes its JSON and exits 0."
+    d = _figures(gpu_check(tmp_path, '--dry-run', GPU_CHECK_BUDGET='2'), tmp_path)
+    assert {d[f'step_{s}_rc'] for s in STEPS if s != 'rehearsal'} == {'skipped (budget spent)'}, d
