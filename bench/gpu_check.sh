@@ -216,7 +216,7 @@ run_step decode 75 "$PY" -c "$PEAK" bench/decode.py --data "$PHOTOS" "${DEC[@]}"
 "$PY" - "$LOGS/decode.log" <<'PY' | figs
 import re, sys
 for line in open(sys.argv[1]):
-    m = re.match(r'(\dx) photos \((\d+) x (\d+) first\): (.*)', line)
+    m = re.search(r'(\dx) photos \((\d+) x (\d+) first\): (.*)', line)
     if m:
         print(f"decode_{m[1]}_size: {m[2]}x{m[3]}")
         for name, rate in re.findall(r'([\w-]+) (\d+)/s', m[4]): print(f"decode_{m[1]}_{name.replace('-', '_')}_per_s: {rate}")
@@ -232,7 +232,7 @@ import re, sys
 KEY = dict(student='student', pretext='pretext', linear='probes', voc07='transfer')
 key = None
 for line in open(sys.argv[1]):
-    m = re.match(r'(\S+).*? kt_paper +([\d.]+) img/s \(([^)]*)\)  bare, pre-made batches: ([^;\n]*)(?:; bare (\S+) doing the same input work: ([\d.]+))?', line)
+    m = re.search(r'(student|pretext|linear|VOC07)\b[^\n]*? kt_paper +([\d.]+) img/s \(([^)]*)\)  bare, pre-made batches: ([^;\n]*)(?:; bare (\S+) doing the same input work: ([\d.]+))?', line)
     if m:
         key = KEY.get(m[1].lower(), m[1].lower())
         print(f"train_{key}_kt_img_s: {m[2]}"); print(f"train_{key}_kt_precision: {m[3]}")
@@ -242,7 +242,7 @@ for line in open(sys.argv[1]):
         continue
     m = re.search(r'same-work bare loop, per round: .*\(median ([\d.]+)\);.*\(median ([\d.]+)\)', line)
     if m and key: print(f"train_{key}_ratio: {m[1]}"); print(f"train_{key}_ratio_premade: {m[2]}")
-    elif re.match(r'(train_ratio_min|train_ratio_premade_min): ', line): print(line.strip())
+    elif (m := re.search(r'\b(train_ratio_min|train_ratio_premade_min): (\S+)', line)): print(f'{m[1]}: {m[2]}')
     elif re.match(r'peak_gpu_\w+: ', line): print('train_' + line.strip())
 PY
 write_json
