@@ -17,7 +17,7 @@ from .core import seed_everything, save_json, load_json, atomic_path, fingerprin
 from .data import ROLES, DATA_PRESETS, DataConfig, DataError, dataset_roots, read_image_set
 from .nets import AlexNet, CONV_LAYERS, build_alexnet, init_alexnet_, layer_outputs
 from .student import evaluate_top1, image_dataset, make_student_dls, decode_images
-from .train import sgd, step_lr, EpochSeed, fit
+from .train import sgd, step_lr, EpochSeed, fit, DeviceNormalize, to_model_input
 
 # %% auto #0
 __all__ = ['PROBE_GRIDS_227', 'FMAP_SIDES_227', 'TABLE_E_MODELS', 'PROBE_PRESETS', 'NL_LAYERS', 'PROBE_ROLES', 'NONLINEAR_SETS',
@@ -140,7 +140,7 @@ def linear_probe_learner(probes:LinearProbes, dls:DataLoaders, cfg:ProbeConfig, 
     sched = ParamScheduler({'lr': step_lr(cfg.lin_lr, cfg.lin_milestones, cfg.lin_epochs)})
     return Learner(dls, probes, loss_func=multi_head_loss, opt_func=opt, lr=cfg.lin_lr,
                    splitter=lambda m: [list(m.heads.parameters())],
-                   metrics=[_head_accuracy(i, n) for i, n in enumerate(probes.layers)], cbs=[EpochSeed(seed), sched])
+                   metrics=[_head_accuracy(i, n) for i, n in enumerate(probes.layers)], cbs=[EpochSeed(seed), sched, DeviceNormalize()])
 
 def partial_sgd(cfg:ProbeConfig):
     "fastai's SGD (`train.sgd`) with the config's momentum and coupled weight decay."
@@ -149,11 +149,11 @@ def partial_sgd(cfg:ProbeConfig):
 
 @torch.no_grad()
 def evaluate_heads(probes:LinearProbes, dl) -> dict:
-    "Top-1 of every head over a loader."
+    "Top-1 of every head over a loader (uint8 images normalised on the heads' device)."
     probes.eval(); dev = next(probes.heads.parameters()).device
     hits, n = {l: 0 for l in probes.layers}, 0
     for x, y in dl:
-        outs = probes(x.to(dev))
+        outs = probes(to_model_input(x, dev))
         for l, o in zip(probes.layers, outs): hits[l] += (o.argmax(1).cpu() == y).sum().item()
         n += len(y)
     return {l: h/max(n, 1) for l, h in hits.items()}
@@ -193,13 +193,15 @@ def nonlinear_probe_model(model:AlexNet,  # the probed network
     return PartlyFrozen(m, [b for _, b in blocks[:cut+1]])
 
 # %% ../nbs/16_probes.ipynb #fcee8da3
-def probe_dls(train, val, cfg:ProbeConfig, num_workers:int|None=None) -> DataLoaders:
-    "Loaders of `train`/`val` = `(paths, labels)` or `(uint8 images, labels)`, with the probe config's crops."
+def probe_dls(train, val, cfg:ProbeConfig, num_workers:int|None=None,
+              device=None # where the probes train: pinned batches for CUDA (`train.loader_kwargs`)
+             ) -> DataLoaders:
+    "Loaders of `train`/`val` = `(paths, labels)` or `(uint8 images, labels)`, with the probe config's crops (uint8 batches)."
     def ds(split, is_train):
         a, y = split
         if isinstance(a, torch.Tensor): return image_dataset(None, y, cfg, is_train, images=a)
         return image_dataset(a, y, cfg, is_train)
-    return make_student_dls(ds(train, True), ds(val, False), cfg.bs, num_workers=num_workers)
+    return make_student_dls(ds(train, True), ds(val, False), cfg.bs, num_workers=num_workers, device=device)
 
 def run_linear_probes(model:AlexNet,        # the frozen network
                       dls:DataLoaders,      # labelled train / val loaders (`probe_dls`)
@@ -222,7 +224,7 @@ def nonlinear_probe_learner(net:nn.Module, dls:DataLoaders, cfg:ProbeConfig, see
     sched = ParamScheduler({'lr': step_lr(cfg.nl_lr, cfg.nl_milestones, cfg.nl_epochs)})
     return Learner(dls, net, loss_func=nn.CrossEntropyLoss(), opt_func=partial_sgd(cfg), lr=cfg.nl_lr,
                    splitter=lambda m: [[p for p in m.parameters() if p.requires_grad]], metrics=accuracy,
-                   cbs=[EpochSeed(seed), sched])
+                   cbs=[EpochSeed(seed), sched, DeviceNormalize()])
 
 def run_nonlinear_probe(model:AlexNet, dls:DataLoaders, n_classes:int, layer:str, cfg:ProbeConfig, seed:int=0,
                         device='cpu', precision:str|None=None) -> float:
@@ -326,8 +328,8 @@ def probe_set(out:Path, pset:str, root:Path, models:dict, cfg:ProbeConfig, seed:
     from kt_paper.train import precision_policy, digest, image_ids
     t0 = time.time()
     train, val, classes = split or probe_split(root, cfg)
-    dls = probe_dls(train, val, cfg)
-    nl_dls = dls if (cfg.nl_bs or cfg.bs) == cfg.bs else probe_dls(train, val, dataclasses.replace(cfg, bs=cfg.nl_bs))
+    dls = probe_dls(train, val, cfg, device=device)
+    nl_dls = dls if (cfg.nl_bs or cfg.bs) == cfg.bs else probe_dls(train, val, dataclasses.replace(cfg, bs=cfg.nl_bs), device=device)
     ids = digest(image_ids(read_image_set(root, 'train').paths + read_image_set(root, 'val').paths))
     prec = precision_policy(device, precision).name
     key_cfg, code = dataclasses.replace(cfg, noise_rows=(), nl_models=None), code_digest('kt_paper.probes')   # which rows measure the noise, or get non-linear probes, changes no probe

@@ -22,16 +22,16 @@ from .core import (seed_everything, save_json, load_json, default_num_workers, g
 from .images import imagenet_normalize
 from .nets import ALEXNET_CHANNELS, ALEXNET_FC, CONV_LAYERS, AlexNet, scaled, build_alexnet, save_alexnet
 from .data import load_rgb
-from .train import EpochSeed, sgd, step_lr, one_cycle, one_cycle_mom, fit, checkpoint_state, process_batch_size, digest, image_ids
+from .train import DeviceNormalize, loader_kwargs, to_model_input, EpochSeed, sgd, step_lr, one_cycle, one_cycle_mom, fit, checkpoint_state, process_batch_size, digest, image_ids
 from .distributed import DistributedCallback, world_info
 
 # %% auto #0
 __all__ = ['STUDENT_PRESETS', 'PRESET_CC_TEACHERS', 'BN_IMAGES', 'StudentConfig', 'decode_image', 'decode_images',
-           'crop_flip_normalize_batch', 'crop_flip_normalize', 'ImageTensorDataset', 'keep_batch', 'ImageFileDataset',
-           'image_dataset', 'balanced_sampler', 'make_student_dls', 'student_learner', 'evaluate_top1',
-           'synthetic_images', 'student_fingerprint', 'train_student', 'alexnet_from_cfn', 'match_labels',
-           'read_student_data', 'run_student_job', 'cluster_labels', 'standin_labels', 'estimate_bn_stats_',
-           'run_student']
+           'crop_flip_batch', 'crop_flip_normalize_batch', 'crop_flip_normalize', 'ImageTensorDataset', 'keep_batch',
+           'ImageFileDataset', 'image_dataset', 'balanced_sampler', 'make_student_dls', 'student_learner',
+           'evaluate_top1', 'synthetic_images', 'student_fingerprint', 'train_student', 'alexnet_from_cfn',
+           'match_labels', 'read_student_data', 'run_student_job', 'cluster_labels', 'standin_labels',
+           'estimate_bn_stats_', 'run_student']
 
 # %% ../nbs/15_student.ipynb #0e6c7c6f
 @dataclasses.dataclass(frozen=True)
@@ -91,24 +91,32 @@ def decode_images(paths, resize:int) -> torch.Tensor:
     return torch.stack([decode_image(p, resize) for p in paths]) if len(paths) else torch.zeros(0, 3, resize, resize, dtype=torch.uint8)
 
 # %% ../nbs/15_student.ipynb #64bd8131
-def crop_flip_normalize_batch(imgs:torch.Tensor, # uint8 (N, 3, H, W)
-                              crop:int,          # output size
-                              train:bool,        # random crop + mirror per image, else centre crop
-                              idx=None           # the images of the batch (indices into `imgs`; default: all of them)
-                             ) -> torch.Tensor:
-    "Random (train) or centre crops of the images `idx` of `imgs`, a random mirror per image in training, then one ImageNet normalisation."
+def crop_flip_batch(imgs:torch.Tensor, # uint8 (N, 3, H, W)
+                    crop:int,          # output size
+                    train:bool,        # random crop + mirror per image, else centre crop
+                    idx=None           # the images of the batch (indices into `imgs`; default: all of them)
+                   ) -> torch.Tensor:
+    "Random (train) or centre crops of the images `idx` of `imgs`, a random mirror per image in training; uint8 like `imgs`."
     idx = list(range(len(imgs))) if idx is None else [int(i) for i in idx]
     b, (h, w) = len(idx), imgs.shape[-2:]
     if not train:
         i, j = (h - crop)//2, (w - crop)//2
-        return imagenet_normalize(imgs[torch.as_tensor(idx, dtype=torch.long), :, i:i+crop, j:j+crop])
+        return imgs[torch.as_tensor(idx, dtype=torch.long), :, i:i+crop, j:j+crop]
     ii, jj = torch.randint(0, h - crop + 1, (b,)).tolist(), torch.randint(0, w - crop + 1, (b,)).tolist()
     flips = (torch.rand(b) < 0.5).tolist()
     out = torch.empty((b, imgs.shape[1], crop, crop), dtype=imgs.dtype)
     for k, (n, i, j, f) in enumerate(zip(idx, ii, jj, flips)):   # each window copied once, straight from the store
         c = imgs[n, :, i:i+crop, j:j+crop]
         out[k] = c.flip(-1) if f else c
-    return imagenet_normalize(out)
+    return out
+
+def crop_flip_normalize_batch(imgs:torch.Tensor, # uint8 (N, 3, H, W)
+                              crop:int,          # output size
+                              train:bool,        # random crop + mirror per image, else centre crop
+                              idx=None           # the images of the batch (indices into `imgs`; default: all of them)
+                             ) -> torch.Tensor:
+    "`crop_flip_batch`, then one ImageNet normalisation: the network's input (which `train.DeviceNormalize` makes on the device in training)."
+    return imagenet_normalize(crop_flip_batch(imgs, crop, train, idx))
 
 def crop_flip_normalize(img:torch.Tensor, # uint8 (3, H, W)
                         crop:int,         # output size
@@ -119,28 +127,28 @@ def crop_flip_normalize(img:torch.Tensor, # uint8 (3, H, W)
 
 # %% ../nbs/15_student.ipynb #9a57530c
 class ImageTensorDataset(torch.utils.data.Dataset):
-    "Decoded uint8 images in memory + integer labels, augmented by `crop_flip_normalize` (a batch at a time in loaders)."
+    "Decoded uint8 images in memory + integer labels, augmented by `crop_flip_batch` (a batch at a time in loaders); uint8 crops."
     def __init__(self, images:torch.Tensor, labels, crop:int, train:bool):
         if len(images) != len(labels): raise ValueError(f"{len(images)} images but {len(labels)} labels")
         self.images, self.labels, self.crop, self.train = images, torch.as_tensor(np.asarray(labels), dtype=torch.long), crop, train
     def __len__(self): return len(self.images)
-    def __getitem__(self, i): return crop_flip_normalize(self.images[i], self.crop, self.train), self.labels[i]
+    def __getitem__(self, i): return crop_flip_batch(self.images[i][None], self.crop, self.train)[0], self.labels[i]
     def __getitems__(self, idx:list) -> list:
         "A whole batch `[images, labels]` in one go (torch's batched fetch); its loader collates with `keep_batch`."
-        return [crop_flip_normalize_batch(self.images, self.crop, self.train, idx), self.labels[torch.as_tensor(idx, dtype=torch.long)]]
+        return [crop_flip_batch(self.images, self.crop, self.train, idx), self.labels[torch.as_tensor(idx, dtype=torch.long)]]
 
 def keep_batch(batch:list) -> tuple:
     "The collate function of loaders over `ImageTensorDataset`: its `__getitems__` already made the batch."
     return tuple(batch)
 
 class ImageFileDataset(torch.utils.data.Dataset):
-    "Image files decoded on the fly + integer labels, augmented by `crop_flip_normalize`."
+    "Image files decoded on the fly + integer labels, augmented by `crop_flip_batch`; uint8 crops."
     def __init__(self, paths, labels, resize:int, crop:int, train:bool):
         if len(paths) != len(labels): raise ValueError(f"{len(paths)} paths but {len(labels)} labels")
         self.paths, self.labels = list(paths), torch.as_tensor(np.asarray(labels), dtype=torch.long)
         self.resize, self.crop, self.train = resize, crop, train
     def __len__(self): return len(self.paths)
-    def __getitem__(self, i): return crop_flip_normalize(decode_image(self.paths[i], self.resize), self.crop, self.train), self.labels[i]
+    def __getitem__(self, i): return crop_flip_batch(decode_image(self.paths[i], self.resize)[None], self.crop, self.train)[0], self.labels[i]
 
 def image_dataset(paths, labels, cfg:StudentConfig, train:bool, images:torch.Tensor|None=None):
     "The dataset `cfg` asks for: in memory (`cfg.cache_images` or `images` given) or from files."
@@ -156,14 +164,14 @@ def balanced_sampler(labels, num_samples:int|None=None) -> torch.utils.data.Weig
     return torch.utils.data.WeightedRandomSampler(w, num_samples or len(labels), replacement=True)
 
 def make_student_dls(train_ds, valid_ds, bs:int, balanced:bool=False, num_workers:int|None=None, device=None) -> DataLoaders:
-    "fastai `DataLoaders` wrapping plain torch loaders (shuffled or label-balanced training, ordered validation)."
+    "fastai `DataLoaders` wrapping plain torch loaders (shuffled or label-balanced training, ordered validation), pinned for a CUDA `device`."
     # in-memory images: worker processes would only add copies and contention, so the default is 0 for them
     nw = (0 if isinstance(train_ds, ImageTensorDataset) else default_num_workers()) if num_workers is None else num_workers
     sampler = balanced_sampler(train_ds.labels) if balanced else None
     collate = lambda ds: keep_batch if isinstance(ds, ImageTensorDataset) else None   # None: torch's default
     tdl = torch.utils.data.DataLoader(train_ds, bs, shuffle=sampler is None, sampler=sampler, num_workers=nw, drop_last=len(train_ds) > bs,
-                                      collate_fn=collate(train_ds))
-    vdl = torch.utils.data.DataLoader(valid_ds, bs*2, shuffle=False, num_workers=nw, collate_fn=collate(valid_ds))
+                                      collate_fn=collate(train_ds), **loader_kwargs(device))
+    vdl = torch.utils.data.DataLoader(valid_ds, bs*2, shuffle=False, num_workers=nw, collate_fn=collate(valid_ds), **loader_kwargs(device))
     return DataLoaders(tdl, vdl, device=device)
 
 # %% ../nbs/15_student.ipynb #6cb41f54
@@ -173,21 +181,21 @@ def student_learner(model:nn.Module,    # the network to train
                     seed:int=0,         # seed of the per-epoch reseeding
                     cbs=None            # extra callbacks
                    ) -> Learner:
-    "A `Learner` with the AlexNet recipe: SGD + momentum, coupled weight decay, step (or one-cycle) lr, top-1 metric."
+    "A `Learner` with the AlexNet recipe: SGD + momentum, coupled weight decay, step (or one-cycle) lr, top-1 metric; uint8 batches normalised on the device."
     if cfg.schedule not in ('step', 'one_cycle'): raise ValueError(f"StudentConfig.schedule: {cfg.schedule!r} is not 'step' or 'one_cycle'")
     opt = partial(sgd, mom=cfg.momentum, wd=cfg.wd, decouple_wd=False)
     sched = ParamScheduler({'lr': step_lr(cfg.lr, cfg.lr_milestones, cfg.epochs, cfg.lr_gamma)} if cfg.schedule == 'step'
                            else {'lr': one_cycle(cfg.lr), 'mom': one_cycle_mom()})
     return Learner(dls, model, loss_func=nn.CrossEntropyLoss(), opt_func=opt, lr=cfg.lr, metrics=accuracy,
-                   cbs=[EpochSeed(seed), sched] + list(cbs or []))
+                   cbs=[EpochSeed(seed), sched, DeviceNormalize()] + list(cbs or []))   # uint8 crops -> normalised float on the device
 
 # %% ../nbs/15_student.ipynb #f7045c87
 @torch.no_grad()
 def evaluate_top1(model:nn.Module, dl, device=None) -> float:
-    "Top-1 accuracy of `model` over a loader of `(x, y)` batches."
+    "Top-1 accuracy of `model` over a loader of `(x, y)` batches (uint8 images normalised on its device, `train.to_model_input`)."
     model.eval(); device = device or next(model.parameters()).device; hit = n = 0
     for x, y in dl:
-        hit += (model(x.to(device)).argmax(1).cpu() == y).sum().item(); n += len(y)
+        hit += (model(to_model_input(x, device)).argmax(1).cpu() == y).sum().item(); n += len(y)
     return hit / max(n, 1)
 
 # %% ../nbs/15_student.ipynb #6da37291
@@ -236,7 +244,7 @@ def train_student(train_paths, train_labels,   # training images and their (pseu
     tr = image_dataset(train_paths, train_labels, cfg, True, None if images is None else images[0])
     va = image_dataset(val_paths, val_labels, cfg, False, None if images is None else images[1])
     model = build_alexnet(n_classes, **cfg.alexnet_args()).to(device)
-    dls = make_student_dls(tr, va, process_batch_size(cfg.bs, world), cfg.balanced, num_workers)
+    dls = make_student_dls(tr, va, process_batch_size(cfg.bs, world), cfg.balanced, num_workers, device)
     learn = student_learner(model, dls, cfg, seed, cbs=[DistributedCallback(seed)] if world > 1 else None)
     fit(learn, cfg.epochs, out_dir, fp, main=rank == 0, cbs=cbs, precision=precision)
     if world > 1: dist.barrier()   # rank 0's last epoch marker is on disk before any rank reads it
@@ -409,7 +417,7 @@ def estimate_bn_stats_(model:nn.Module, images:torch.Tensor, crop:int, bs:int=25
     for m in bns: m.reset_running_stats(); m.momentum = None    # None: a cumulative average over the batches
     model.train()
     ds = ImageTensorDataset(images, np.zeros(len(images), np.int64), crop, False)
-    for k in range(0, len(ds), bs): model(torch.stack([ds[i][0] for i in range(k, min(k + bs, len(ds)))]))
+    for k in range(0, len(ds), bs): model(imagenet_normalize(torch.stack([ds[i][0] for i in range(k, min(k + bs, len(ds)))])))
     for m, mom in zip(bns, moms): m.momentum = mom
     return model.train(was)
 

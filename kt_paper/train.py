@@ -12,6 +12,7 @@ import torch
 from torch.amp import GradScaler
 from fastai.learner import Learner
 from fastai.callback.core import Callback, event, _inner_loop   # `_inner_loop`: fastai's per-batch events
+from fastai.torch_core import to_device
 from fastai.callback.fp16 import MixedPrecision
 from fastai.callback.schedule import combined_cos
 from fastai.callback.progress import CSVLogger
@@ -20,12 +21,14 @@ from fastcore.basics import patch
 from .core import (cpu_has_bf16, cuda_has_bf16, hold_freed_memory, seed_everything, save_checkpoint, load_checkpoint, save_json, load_json,
                            atomic_path, in_test, progress)
 from .distributed import world_info
+from .images import imagenet_normalize
 
 # %% auto #0
 __all__ = ['PRECISIONS', 'Precision', 'precision_policy', 'PrecisionCallback', 'cudnn_benchmark', 'CudnnBenchmark',
            'to_channels_last_', 'autocast_for', 'step_lr', 'one_cycle', 'one_cycle_mom', 'ForeachOptimizer', 'sgd',
            'adam', 'EpochSeed', 'digest', 'image_ids', 'model_digest', 'Checkpoint', 'History', 'checkpoint_state',
-           'resume_checkpoint', 'ProgressEvents', 'dispatch_to_listeners', 'keep_model_device', 'fit',
+           'resume_checkpoint', 'ProgressEvents', 'dispatch_to_listeners', 'loader_kwargs', 'batch_to_device',
+           'non_blocking_batches', 'to_model_input', 'DeviceNormalize', 'keep_model_device', 'fit',
            'process_batch_size']
 
 # %% ../nbs/06_train.ipynb #a7829cdb
@@ -329,6 +332,45 @@ def _start_epoch(learn:Learner, folder:Path, fingerprint:str|None, resume:bool, 
         return 0
     return resume_checkpoint(learn, folder, fingerprint, verbose)
 
+# %% ../nbs/06_train.ipynb #24193281
+def loader_kwargs(device=None # where the batches go (None: a GPU if there is one, as fastai's default device)
+                 ) -> dict:
+    "`torch.utils.data.DataLoader` arguments that follow the run's `device`: pinned host memory when batches go to CUDA."
+    cuda = torch.cuda.is_available() if device is None else torch.device(device).type == 'cuda'
+    return dict(pin_memory=cuda)
+
+# %% ../nbs/06_train.ipynb #28ecb588
+def batch_to_device(b, device):
+    "The tensors of batch `b` on `device`, copied `non_blocking` when it is a CUDA device (fastai's `to_device` otherwise)."
+    return to_device(b, device, non_blocking=torch.device(device).type == 'cuda')
+
+def _set_device_non_blocking(self:Learner, b):
+    "`Learner._set_device` (the batch goes to the model's device) with `batch_to_device`'s copies."
+    return batch_to_device(b, next(self.model.parameters()).device)
+
+def non_blocking_batches(learn:Learner) -> Learner:
+    "Make `learn` copy each batch to its model's device with `batch_to_device` (`non_blocking` to CUDA)."
+    learn._set_device = MethodType(_set_device_non_blocking, learn)
+    return learn
+
+# %% ../nbs/06_train.ipynb #d3e67698
+def to_model_input(x:torch.Tensor,          # a batch of images
+                   device=None,             # where the network runs (None: where `x` is)
+                   norm=imagenet_normalize  # uint8 images -> float input
+                  ) -> torch.Tensor:
+    "`x` on `device` (`batch_to_device`), uint8 images normalised there by `norm`; float passes as is."
+    if device is not None: x = batch_to_device(x, device)
+    return norm(x) if x.dtype == torch.uint8 else x
+
+# %% ../nbs/06_train.ipynb #0a663c1e
+class DeviceNormalize(Callback):
+    "Turn a uint8 image batch (`xb[0]`) into the network's float input on its device (`to_model_input`), before `PrecisionCallback`."
+    order = -7   # before `PrecisionCallback` (-6): channels-last applies to the float input
+    def __init__(self, norm=imagenet_normalize): self.norm = norm
+    def before_batch(self):
+        if len(self.learn.xb) and isinstance(self.learn.xb[0], torch.Tensor):
+            self.learn.xb = (to_model_input(self.learn.xb[0], norm=self.norm), *self.learn.xb[1:])
+
 # %% ../nbs/06_train.ipynb #9662ad59
 def keep_model_device(learn:Learner) -> Learner:
     "Give `learn.dls` its model's device when its loaders gave fastai none, so that fastai's fit leaves the model where it is."
@@ -352,6 +394,7 @@ def fit(learn:Learner,                 # the model, data, loss and optimiser
        ) -> int:
     "Train `learn` for `n_epoch` epochs with the precision policy, checkpoints, resume, history and progress reports; return the start epoch."
     keep_model_device(learn)   # plain torch loaders: fastai would move the model to its default device
+    non_blocking_batches(learn)   # host-to-CUDA batch copies queued, not waited for (`batch_to_device`)
     hold_freed_memory()   # the same buffers every step: reuse them, no page faults (`core.hold_freed_memory`)
     dispatch_to_listeners(learn)   # no no-op callback calls inside the loop
     cbs, start = [PrecisionCallback(precision), CudnnBenchmark(fixed_size)] + list(cbs or []), 0

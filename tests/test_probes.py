@@ -3,6 +3,7 @@ import json, pytest, torch
 from dataclasses import replace
 from kt_paper.student import synthetic_images, STUDENT_PRESETS
 from kt_paper.nets import build_alexnet, CONV_LAYERS, layer_outputs
+from kt_paper.train import DeviceNormalize, to_model_input
 from kt_paper.probes import (PROBE_PRESETS, probe_grids, probe_dims, LinearProbes, nonlinear_probe_model,
                              probe_dls, run_linear_probes, run_nonlinear_probe, NL_LAYERS)
 
@@ -57,7 +58,8 @@ def test_linear_probes_do_not_touch_their_own_trunk(toy):
     probes.train()
     assert not probes.trunk.training
     for x, y in dls.train:
-        loss = sum(torch.nn.functional.cross_entropy(o, y) for o in probes(x)); opt.zero_grad(); loss.backward(); opt.step()
+        assert x.dtype == torch.uint8   # the loaders hand over uint8 crops; the device normalises them
+        loss = sum(torch.nn.functional.cross_entropy(o, y) for o in probes(to_model_input(x))); opt.zero_grad(); loss.backward(); opt.step()
     assert _same(before, probes.trunk.state_dict())
 
 @pytest.mark.parametrize('layer', ['conv2', 'fc6'])
@@ -86,7 +88,8 @@ def test_nonlinear_probe_trains_and_leaves_frozen_unchanged(toy):
     assert _same(before, net.state_dict())
     # the same check on the probe's own copy, trained by hand through the Learner path
     from fastai.learner import Learner
-    learn = Learner(dls, pf, loss_func=torch.nn.CrossEntropyLoss(), splitter=lambda m: [[p for p in m.parameters() if p.requires_grad]])
+    learn = Learner(dls, pf, loss_func=torch.nn.CrossEntropyLoss(), splitter=lambda m: [[p for p in m.parameters() if p.requires_grad]],
+                    cbs=[DeviceNormalize()])   # `probe_dls` hand over uint8 crops
     with learn.no_bar(), learn.no_logging(): learn.fit(1, 0.01)
     after = pf.model.features.state_dict()
     assert all(torch.equal(frozen_before[k], after[k]) for k in frozen_before)
@@ -271,3 +274,11 @@ def test_nonlinear_probes_follow_the_job_list(tmp_path):
     r = run_probes(tmp_path, 'test', seed=0, device='cpu', probe_sets='objects', student_dir=sd, quiet=True, nl_models=('random',))
     assert set(r['linear']['objects']) == {'random', 'supervised'} and set(r['nonlinear']['objects']) == {'random'}
     assert PROBE_PRESETS['paper'].nl_models and not PROBE_PRESETS['paper'].ablation_students
+
+def test_probe_loaders_uint8_and_pinned_for_cuda():
+    cfg = PROBE_PRESETS['test']
+    (xi, yi), (xv, yv) = synthetic_images(16, cfg.resize), synthetic_images(8, cfg.resize, seed=1)
+    dls = probe_dls((xi, yi), (xv, yv), cfg, num_workers=0, device='cuda')   # the decision only: nothing goes to a GPU
+    assert [dl.pin_memory for dl in dls.loaders] == [True, True]
+    assert [dl.pin_memory for dl in probe_dls((xi, yi), (xv, yv), cfg, num_workers=0, device='cpu').loaders] == [False, False]
+    assert next(iter(dls.valid))[0].dtype == torch.uint8

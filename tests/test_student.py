@@ -269,3 +269,58 @@ def test_run_student_takes_images_decoded_by_the_caller(tmp_path, monkeypatch):
     r = ks.run_student(tmp_path, 'test', seed=0, device='cpu', cc_teachers='', extras=False, quiet=True, images=imgs)
     assert r['made'] == ['random'] and (tmp_path/'student'/'random'/'final.pth').exists()
     with pytest.raises(ValueError, match='objects images'): ks.run_student(tmp_path, 'test', device='cpu', extras=False, quiet=True, images=(imgs[0][:3], imgs[1]))
+
+# --- issue 37: uint8 batches from the loaders, normalised on the device ---------------------------------------------
+from kt_paper.student import crop_flip_normalize_batch, image_dataset
+
+class _OldLoaderDS(ImageTensorDataset):
+    "The loaders before issue 37: each batch cropped, mirrored and ImageNet-normalised in the loader (float32)."
+    def __getitem__(self, i): return crop_flip_normalize_batch(self.images[i][None], self.crop, self.train)[0], self.labels[i]
+    def __getitems__(self, idx): return [crop_flip_normalize_batch(self.images, self.crop, self.train, idx), self.labels[torch.as_tensor(idx)]]
+
+class _Inputs(Callback):
+    "Record what the network is fed (after every callback that shapes its input)."
+    order = 50
+    def __init__(self): self.xs = []
+    def before_batch(self): self.xs.append(self.learn.xb[0].detach().clone())
+
+def _fed(ds_cls, seed=0):
+    cfg = STUDENT_PRESETS['test']
+    xi, yi, xv, yv = _toy(24, 16, size=cfg.resize)
+    seed_everything(seed)
+    dls = make_student_dls(ds_cls(xi, yi, cfg.crop, True), ds_cls(xv, yv, cfg.crop, False), 8, num_workers=0)
+    rec = _Inputs(); learn = student_learner(build_alexnet(2, **cfg.alexnet_args()), dls, cfg)
+    fit(learn, 1, precision='fp32', cbs=[rec])
+    return dls, rec.xs
+
+def test_student_loaders_yield_uint8():
+    cfg = STUDENT_PRESETS['test']
+    xi, yi, _, _ = _toy(24, 16, size=cfg.resize)
+    for train in (True, False):
+        dls = make_student_dls(ImageTensorDataset(xi, yi, cfg.crop, train), ImageTensorDataset(xi, yi, cfg.crop, False), 8, num_workers=0)
+        x, y = next(iter(dls.train))
+        assert x.dtype == torch.uint8 and x.shape == (8, 3, cfg.crop, cfg.crop) and y.dtype == torch.long
+    assert image_dataset(None, yi, cfg, True, images=xi).images.element_size() == 1   # the in-memory cache: 1 byte per value
+
+def test_student_network_sees_the_old_normalised_input():
+    _, old = _fed(_OldLoaderDS)
+    dls, new = _fed(ImageTensorDataset)
+    assert next(iter(dls.train))[0].dtype == torch.uint8   # what changed: the loader's batches ...
+    assert len(new) == len(old) > 2                        # ... not what the network is fed (train and valid batches)
+    for a, b in zip(new, old): assert a.dtype == torch.float32 and torch.equal(a, b)
+
+def test_student_loaders_pin_for_cuda():
+    cfg = STUDENT_PRESETS['test']
+    xi, yi, _, _ = _toy(8, 8, size=cfg.resize)
+    ds = ImageTensorDataset(xi, yi, cfg.crop, True)
+    assert [dl.pin_memory for dl in make_student_dls(ds, ds, 4, num_workers=0, device='cuda').loaders] == [True, True]
+    assert [dl.pin_memory for dl in make_student_dls(ds, ds, 4, num_workers=0, device='cpu').loaders] == [False, False]
+
+def test_evaluate_top1_normalises_uint8_batches():
+    cfg = STUDENT_PRESETS['test']
+    xi, yi, _, _ = _toy(16, 8, size=cfg.resize)
+    torch.manual_seed(0); net = build_alexnet(2, **cfg.alexnet_args()).eval()
+    new = make_student_dls(ImageTensorDataset(xi, yi, cfg.crop, False), ImageTensorDataset(xi, yi, cfg.crop, False), 8, num_workers=0)
+    old = make_student_dls(_OldLoaderDS(xi, yi, cfg.crop, False), _OldLoaderDS(xi, yi, cfg.crop, False), 8, num_workers=0)
+    assert next(iter(new.valid))[0].dtype == torch.uint8
+    assert evaluate_top1(net, new.valid) == evaluate_top1(net, old.valid)
